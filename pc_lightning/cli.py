@@ -1,0 +1,135 @@
+"""``pcl``: the suite's command line.
+
+    pcl train   --config conf/experiment/baseline.yaml [key.path=value ...] [--resume last|CKPT]
+    pcl prepare --config ...            prepare (tokenize and cache) the data only
+    pcl merge   CKPT [--out DIR]        PC/TSVD checkpoint -> plain dense checkpoint (+ HF Llama export)
+    pcl sweep   sweeps/NAME.yaml [--workers N]
+    pcl ablate  conf/ablation/NAME.yaml
+    pcl report  NAME                    re-render an ablation's or study's summary from MLflow/Optuna
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pc_lightning.config import ConfigError, load_config
+
+OVERRIDES_HELP = (
+    "dotted overrides applied after the config file, e.g. optim.lr=1e-3 model.linear=pc data.batch_size=8; "
+    "values are parsed as YAML and type-checked"
+)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", required=True,
+                   help="experiment YAML under conf/ (its 'defaults:' list composes presets from conf/)")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value", help=OVERRIDES_HELP)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pcl", description="pc-lightning: experiments on stable and efficient LLM pre-training.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Every run is tracked in MLflow (default sqlite:///results/mlflow.db); "
+               "view with: mlflow ui --backend-store-uri sqlite:///results/mlflow.db",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train one model and log it to MLflow",
+                       description="Train one model from a typed YAML config; log params, metrics and the "
+                                   "resolved config to MLflow; checkpoint to trainer.checkpoint_dir/<name>/<run id>.")
+    _add_config_args(p)
+    p.add_argument("--resume", metavar="last|CKPT",
+                   help="resume from a checkpoint path, or 'last' = newest last.ckpt of this config's name; "
+                        "continues the same MLflow run")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+
+    p = sub.add_parser("prepare", help="prepare (train tokenizer, tokenize, cache) the configured data only")
+    _add_config_args(p)
+
+    p = sub.add_parser("merge", help="merge a PC/TSVD checkpoint into a plain dense model (+ HF export)")
+    p.add_argument("checkpoint", help="a checkpoint written by pcl train")
+    p.add_argument("--out", help="output directory (default: <checkpoint dir>/merged)")
+    p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face Llama export")
+
+    p = sub.add_parser("sweep", help="run (or resume, or join) an Optuna study declared in YAML")
+    p.add_argument("spec", help="sweep file, e.g. sweeps/pc_degree_lr.yaml")
+    p.add_argument("--workers", type=int, default=1, help="parallel worker processes on this machine")
+    p.add_argument("--n-trials", type=int, help="override the file's n_trials")
+    p.add_argument("--storage", help="override the file's storage URL (sqlite:///..., postgresql://..., journal path)")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value",
+                   help="overrides applied to the base config of every trial")
+
+    p = sub.add_parser("ablate", help="run a declared grid of variants x optimizers x seeds x LRs -> results/NAME/")
+    p.add_argument("spec", help="ablation file, e.g. conf/ablation/quick.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value",
+                   help="overrides applied to the base config of every run")
+
+    p = sub.add_parser("report", help="re-render an ablation's or study's summary and plots from MLflow/Optuna")
+    p.add_argument("name", help="ablation or study name (or its spec file)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///results/mlflow.db)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as e:
+        print(f"pcl: {e}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            import yaml
+
+            from pc_lightning.config import to_dict
+
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            return 0
+        from pc_lightning.train import train
+
+        result = train(cfg, resume=args.resume)
+        print(f"run {result.run_id}: {result.status} at step {result.step}; "
+              f"val/loss={result.metrics.get('val/loss', float('nan')):.4f}; checkpoints in {result.checkpoint_dir}")
+        if result.status == "diverged":
+            print(f"pcl: {result.message}", file=sys.stderr)
+            return 3
+        return 0
+    if args.command == "prepare":
+        from pc_lightning.data.prepare import prepare
+
+        cfg = load_config(args.config, args.overrides)
+        prepared = prepare(cfg.data)
+        print(f"{'reused' if prepared.cached else 'prepared'} {prepared.dir}")
+        for k, v in prepared.meta.items():
+            print(f"  {k}: {v}")
+        return 0
+    if args.command == "merge":
+        from pc_lightning.merge import merge_checkpoint
+
+        out = merge_checkpoint(args.checkpoint, args.out, hf_export=not args.no_hf)
+        print(f"merged model written to {out}")
+        return 0
+    if args.command == "sweep":
+        from pc_lightning.sweep.study import run_sweep
+
+        return run_sweep(args.spec, workers=args.workers, n_trials=args.n_trials, storage=args.storage,
+                         overrides=args.overrides)
+    if args.command == "ablate":
+        from pc_lightning.sweep.ablation import run_ablation
+
+        return run_ablation(args.spec, overrides=args.overrides)
+    if args.command == "report":
+        from pc_lightning.sweep.report import report
+
+        return report(args.name, tracking_uri=args.tracking_uri)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

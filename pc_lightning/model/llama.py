@@ -1,0 +1,177 @@
+"""A Llama-style decoder in one file: RMSNorm, RoPE, SwiGLU, SDPA attention, untied embeddings, no biases.
+
+Touvron et al. 2023 (arXiv 2302.13971). Everything a variant changes is a field of
+:class:`~pc_lightning.config.ModelConfig`, read here and nowhere else:
+
+* ``linear``: which kind of matrix the blocks use (dense, PC, TSVD), via :func:`make_linear`;
+* ``attn_norm`` (qk_norm / qkv_norm), ``post_proj_norm``, ``post_fc2_norm``: Rybakov et al. 2024
+  (arXiv 2410.16682); qkv_norm drops the pre-attention norm;
+* ``attn_softcap``, ``logit_softcap``: Gemma 2, ``cap * tanh(x / cap)``;
+* ``init: small`` and ``embed: scaled | layernorm``: Spike No More (Takase et al., arXiv 2312.16903),
+  std = sqrt(2 / (5 d)) for every linear, embedding output times sqrt(d) or a LayerNorm on it.
+
+Out-projections (attention ``o`` and MLP ``down``) get their init std divided by sqrt(2 n_layers).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pc_lightning.config import ModelConfig
+from pc_lightning.layers import make_linear
+from pc_lightning.layers.rope import apply_rope, rope_cache
+
+
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(x / cap): smooth, keeps |x| < cap (Gemma 2)."""
+    return cap * torch.tanh(x / cap)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.n_heads = cfg.n_heads
+        self.head_dim = d // cfg.n_heads
+        self.softcap = cfg.attn_softcap
+        self.q = make_linear(d, d, "q", cfg)
+        self.k = make_linear(d, d, "k", cfg)
+        self.v = make_linear(d, d, "v", cfg)
+        self.o = make_linear(d, d, "o", cfg)
+        # Rybakov et al.: LayerNorm on the projected q, k (and v), over the full model width.
+        self.q_norm = nn.LayerNorm(d) if cfg.attn_norm in ("qk_norm", "qkv_norm") else None
+        self.k_norm = nn.LayerNorm(d) if cfg.attn_norm in ("qk_norm", "qkv_norm") else None
+        self.v_norm = nn.LayerNorm(d) if cfg.attn_norm == "qkv_norm" else None
+        self.post_norm = nn.LayerNorm(d) if cfg.post_proj_norm else None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.v_norm is not None:
+            v = self.v_norm(v)
+        q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.softcap > 0:
+            y = capped_attention(q, k, v, self.softcap)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = self.o(y.transpose(1, 2).reshape(B, T, -1))
+        return self.post_norm(y) if self.post_norm is not None else y
+
+
+def capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cap: float) -> torch.Tensor:
+    """Causal attention with soft-capped scores: softmax(mask(cap * tanh(q k^T / sqrt(hd) / cap))) v.
+
+    SDPA has no soft-cap, so on CUDA we use FlexAttention's ``score_mod`` (a fused kernel); elsewhere
+    (CPU, and forward-mode AD) the explicit math path.
+    """
+    if q.is_cuda:
+        from pc_lightning.model.flex import flex_capped_attention
+
+        return flex_capped_attention(q, k, v, cap)
+    T = q.size(-2)
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
+    scores = softcap(scores, cap)
+    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)) (Shazeer 2020, arXiv 2002.05202)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = make_linear(cfg.d_model, cfg.d_ff, "gate", cfg)
+        self.up = make_linear(cfg.d_model, cfg.d_ff, "up", cfg)
+        self.down = make_linear(cfg.d_ff, cfg.d_model, "down", cfg)
+        self.post_norm = nn.LayerNorm(cfg.d_model) if cfg.post_fc2_norm else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.down(F.silu(self.gate(x)) * self.up(x))
+        return self.post_norm(y) if self.post_norm is not None else y
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        # qkv_norm normalises q, k, v after projection instead of the block input.
+        self.attn_norm = None if cfg.attn_norm == "qkv_norm" else nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = x if self.attn_norm is None else self.attn_norm(x)
+        x = x + self.attn(h, cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("model.vocab_size must be resolved (from the tokenizer) before building the model")
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.emb_norm = nn.LayerNorm(cfg.d_model) if cfg.embed == "layernorm" else None
+        self.emb_scale = math.sqrt(cfg.d_model) if cfg.embed == "scaled" else 1.0
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        cos, sin = rope_cache(cfg.max_seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        cfg = self.cfg
+        std = math.sqrt(2.0 / (5.0 * cfg.d_model)) if cfg.init == "small" else cfg.init_std
+        out_std = std / math.sqrt(2.0 * cfg.n_layers)
+        nn.init.normal_(self.tok_emb.weight, mean=0.0, std=std)
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=std)
+        for block in self.blocks:
+            for layer in (block.attn.q, block.attn.k, block.attn.v, block.mlp.gate, block.mlp.up):
+                layer.init_weights(std)
+            for layer in (block.attn.o, block.mlp.down):
+                layer.init_weights(out_std)
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.tok_emb(idx)
+        if self.emb_scale != 1.0:
+            x = x * self.emb_scale
+        if self.emb_norm is not None:
+            x = self.emb_norm(x)
+        return x
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx: (B, T) token ids -> logits (B, T, vocab)."""
+        T = idx.size(1)
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        logits = self.lm_head(self.norm(x))
+        if self.cfg.logit_softcap > 0:
+            logits = softcap(logits, self.cfg.logit_softcap)
+        return logits
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token, dense equivalent (PaLM appendix B): 6 N + 12 L d T (attention)."""
+    d, L = cfg.d_model, cfg.n_layers
+    matmul_params = L * (4 * d * d + 3 * d * cfg.d_ff) + d * cfg.vocab_size
+    return 6.0 * matmul_params + 12.0 * L * d * seq_len

@@ -1,0 +1,115 @@
+"""The LightningModule for next-token pre-training.
+
+loss = CE(logits, next tokens) [+ z_loss * mean(logsumexp(logits)^2), PaLM / Wortsman et al.]
+Validation: token-weighted mean CE over the fixed validation windows and its perplexity exp(CE),
+accumulated with torchmetrics so that it is reduced correctly across DDP ranks.
+
+A non-finite loss, or a loss above the first step's loss by ``monitor.divergence_margin`` nats, raises
+:class:`Diverged` naming the step *before* the update is applied, so the last checkpoint stays usable and
+the run is recorded as diverged (see :mod:`pc_lightning.train`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+
+from pc_lightning.config import ExperimentConfig, from_dict
+from pc_lightning.model import Llama, count_parameters
+from pc_lightning.optim.factory import build_optimizer
+from pc_lightning.optim.schedule import build_scheduler
+
+
+class Diverged(RuntimeError):
+    """Training loss became non-finite or blew up; carries the optimizer step where it happened."""
+
+    def __init__(self, step: int, loss: float, reason: str):
+        self.step, self.loss, self.reason = step, loss, reason
+        super().__init__(f"training diverged at step {step}: {reason} (loss={loss})")
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss: float = 0.0):
+    """(total loss, cross-entropy, mean log Z) computed in fp32."""
+    logits = logits.float().view(-1, logits.size(-1))
+    targets = targets.reshape(-1)
+    ce = F.cross_entropy(logits, targets)
+    if z_loss > 0:
+        log_z = torch.logsumexp(logits, dim=-1)
+        return ce + z_loss * (log_z**2).mean(), ce, log_z.mean()
+    return ce, ce, None
+
+
+class PretrainModule(L.LightningModule):
+    def __init__(self, config: dict[str, Any], total_steps: int):
+        super().__init__()
+        # The resolved config (a plain dict) is saved into every checkpoint, so a checkpoint alone
+        # rebuilds the module: PretrainModule.load_from_checkpoint(path).
+        self.save_hyperparameters()
+        self.cfg: ExperimentConfig = from_dict(config)
+        self.total_steps = total_steps
+        self.model = Llama(self.cfg.model)
+        self.val_loss = MeanMetric()
+        self.initial_loss: float | None = None
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    def configure_model(self) -> None:
+        if self.cfg.model.compile:
+            self.model = torch.compile(self.model)
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        x, y = batch[:, :-1], batch[:, 1:]
+        logits = self.model(x)
+        loss, ce, log_z = next_token_loss(logits, y, self.cfg.model.z_loss)
+        self.check_divergence(ce)
+        self.log("train/loss", ce, on_step=True, prog_bar=True)
+        if log_z is not None:
+            self.log("train/log_z", log_z, on_step=True)
+        return loss
+
+    def check_divergence(self, ce: torch.Tensor) -> None:
+        value = float(ce.detach())  # one host sync per step; the run's cost of not losing a diverged run
+        step = self.trainer.global_step if self._trainer is not None else 0
+        if not math.isfinite(value):
+            raise Diverged(step, value, "loss is not finite")
+        if self.initial_loss is None:
+            self.initial_loss = value
+        elif value > self.initial_loss + self.cfg.monitor.divergence_margin:
+            raise Diverged(step, value, f"loss exceeds the initial loss {self.initial_loss:.3f} by more than "
+                                        f"monitor.divergence_margin={self.cfg.monitor.divergence_margin}")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["initial_loss"] = self.initial_loss
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.initial_loss = checkpoint.get("initial_loss")
+
+    # ------------------------------------------------------------------ validation
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        x, y = batch[:, :-1], batch[:, 1:]
+        _, ce, _ = next_token_loss(self.model(x), y)
+        self.val_loss.update(ce, weight=y.numel())
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
+        self.log("val/ppl", torch.exp(loss))
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self.model, self.cfg.optim)
+        scheduler = build_scheduler(optimizer, self.total_steps, self.cfg.optim.warmup_fraction,
+                                    self.cfg.optim.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        if self.logger is not None and self.global_step == 0:
+            self.logger.log_metrics({"model/parameters": float(count_parameters(self.model))}, step=0)

@@ -402,8 +402,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return from_dict(data)
 
 
+def parse(data: dict) -> ExperimentConfig:
+    """Typed config from a mapping: keys and types checked, values and combinations not yet."""
+    return _build(ExperimentConfig, data)
+
+
 def from_dict(data: dict) -> ExperimentConfig:
-    cfg = _build(ExperimentConfig, data)
+    cfg = parse(data)
     validate(cfg)
     return cfg
 

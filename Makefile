@@ -1,0 +1,45 @@
+# Two commands on a fresh machine:
+#   make quickstart   set up .venv, prepare the bundled corpus, run the quick ablation -> results/quick/
+#   make test         set up .venv (with dev extras) and run the tests (what .ci/run calls)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch is pinned to the CPU build (a bare `torch` would pull a multi-GB CUDA build).
+TORCH ?= torch==2.13.0
+
+.PHONY: setup setup-dev quickstart train test test-fast test-slow bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+setup: $(BIN)/python
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e .
+
+setup-dev: $(BIN)/python
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+
+quickstart: setup
+	$(BIN)/pcl prepare --config conf/baseline.yaml
+	$(BIN)/pcl ablate conf/ablation/quick.yaml
+
+train: setup
+	$(BIN)/pcl train --config conf/baseline.yaml
+
+# Fast suite first, then the tests marked slow (CI runs both; pytest's exit code 5 = nothing collected is ok).
+test: setup-dev
+	$(BIN)/python -m pytest -m "not slow" -q; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
+	$(BIN)/python -m pytest -m slow -q; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
+
+test-fast: setup-dev
+	$(BIN)/python -m pytest -m "not slow" -q; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
+
+bench: setup
+	$(BIN)/pip install --quiet -e ".[bench]"
+	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/layers.py
+
+clean:
+	rm -rf $(VENV) .cache results/mlflow.db results/optuna.db results/checkpoints results/mlartifacts

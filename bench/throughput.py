@@ -1,0 +1,141 @@
+"""Training throughput of the suite's baseline Llama vs Hugging Face `LlamaForCausalLM` of the same shape.
+
+Both models run the same training step (forward, next-token cross-entropy, backward, AdamW step) on the
+same random batches in the same process, eager and `torch.compile`d; the figure that matters is the
+ratio suite / HF measured in this run. CPU: the `tiny` preset shape. CUDA: ~134M (d 768, 12 layers,
+12 heads, FFN 2048, vocab 32000, batch 16 x 1024, bf16 autocast, fused AdamW), where DESIGN.md
+section 8 reports HF compiled at 394k tokens/s (38% MFU) on an H100.
+
+    python bench/throughput.py [--steps 20] [--no-compile] [--out results/bench/throughput.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pc_lightning.config import ModelConfig
+from pc_lightning.model import Llama, count_parameters, flops_per_token
+
+CPU_SHAPE = dict(d_model=128, n_layers=4, n_heads=4, d_ff=384, vocab_size=4096, max_seq_len=256)
+CPU_BATCH = (16, 128)
+GPU_SHAPE = dict(d_model=768, n_layers=12, n_heads=12, d_ff=2048, vocab_size=32000, max_seq_len=1024)
+GPU_BATCH = (16, 1024)
+
+
+def hf_llama(cfg: ModelConfig) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_cfg = LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads,
+        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+        tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+    )
+    hf_cfg._attn_implementation = "sdpa"
+    return LlamaForCausalLM(hf_cfg)
+
+
+class HFLogits(torch.nn.Module):
+    """idx -> logits, like the suite's model (HF returns an output object)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=idx, use_cache=False).logits
+
+
+def measure(model: torch.nn.Module, batch: tuple[int, int], vocab: int, device: torch.device, steps: int,
+            compile_: bool) -> float:
+    """Tokens/s of full training steps, after warm-up (compilation excluded)."""
+    model = model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
+    fn = torch.compile(model) if compile_ else model
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    data = [torch.randint(0, vocab, (batch[0], batch[1] + 1), generator=gen).to(device) for _ in range(4)]
+
+    def step(i: int) -> None:
+        x = data[i % len(data)]
+        with amp:
+            logits = fn(x[:, :-1])
+        loss = F.cross_entropy(logits.float().reshape(-1, vocab), x[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for i in range(3):  # warm-up (and compilation)
+        step(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * batch[0] * batch[1] / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration")
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--out", default="results/bench/throughput.md")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shape, batch = (GPU_SHAPE, GPU_BATCH) if device.type == "cuda" else (CPU_SHAPE, CPU_BATCH)
+    steps = args.steps or (30 if device.type == "cuda" else 10)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    cfg = ModelConfig(**shape)
+
+    rows = []
+    modes = [False] if args.no_compile else [False, True]
+    for compile_ in modes:
+        torch.manual_seed(0)
+        ours = Llama(cfg)
+        hf = HFLogits(hf_llama(cfg))
+        n_ours, n_hf = count_parameters(ours), count_parameters(hf)
+        tps_hf = measure(hf, batch, cfg.vocab_size, device, steps, compile_)
+        tps_ours = measure(ours, batch, cfg.vocab_size, device, steps, compile_)
+        rows.append((("compiled" if compile_ else "eager"), tps_ours, tps_hf, n_ours, n_hf))
+        del ours, hf
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    lines = [
+        f"# Throughput: suite baseline vs HF LlamaForCausalLM ({name})",
+        "",
+        f"shape: {shape}, batch {batch[0]}x{batch[1]}, {steps} timed training steps, "
+        f"torch {torch.__version__}",
+        "",
+        "| mode | suite tokens/s | HF tokens/s | ratio suite/HF | params suite | params HF |",
+        "|---|---|---|---|---|---|",
+    ]
+    for mode, ours, hf, n_ours, n_hf in rows:
+        lines.append(f"| {mode} | {ours:,.0f} | {hf:,.0f} | {ours / hf:.2f}x | {n_ours:,} | {n_hf:,} |")
+    if device.type == "cuda":
+        from lightning.fabric.utilities.throughput import get_available_flops
+
+        peak = get_available_flops(device, torch.bfloat16)
+        fpt = flops_per_token(cfg, batch[1])
+        if peak:
+            lines += ["", "MFU (suite): " + ", ".join(f"{m} {o * fpt / peak:.1%}" for m, o, *_ in rows)]
+    text = "\n".join(lines)
+    print(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

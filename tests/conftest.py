@@ -1,0 +1,54 @@
+"""Shared test fixtures: tiny configs, one prepared-data cache per session, results in a temp dir.
+
+Tests run real parts at tiny sizes: the bundled corpus, a real BPE tokenizer, SQLite MLflow/Optuna files.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> str:
+    """One prepared bible cache shared by every test (BPE 512 keeps it fast)."""
+    return str(tmp_path_factory.mktemp("pcl-data"))
+
+
+@pytest.fixture()
+def results_dir(tmp_path, monkeypatch):
+    """Send MLflow/Optuna files and checkpoints of a test to its own temp dir."""
+    import pc_lightning.tracking as tracking
+
+    monkeypatch.setattr(tracking, "RESULTS_DIR", tmp_path / "results")
+    return tmp_path / "results"
+
+
+def tiny_overrides(data_cache: str, results_dir, **extra) -> list[str]:
+    """Overrides that make conf/baseline.yaml a seconds-long run."""
+    items = {
+        "model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2, "model.d_ff": 64, "model.max_seq_len": 64,
+        "data.vocab_size": 512, "data.seq_len": 32, "data.batch_size": 4, "data.val_batches": 2,
+        "data.cache_dir": data_cache, "trainer.max_steps": 6, "trainer.val_every": 3, "trainer.log_every": 2,
+        "trainer.checkpoint_every": 3, "trainer.checkpoint_dir": str(results_dir / "checkpoints"),
+        "trainer.progress_bar": False,
+    }
+    items.update(extra)
+    return [f"{k}={v}" for k, v in items.items()]
+
+
+@pytest.fixture()
+def tiny_cfg(data_cache, results_dir):
+    """A factory: tiny_cfg(**overrides) -> validated ExperimentConfig built from conf/baseline.yaml."""
+    from pc_lightning.config import load_config
+
+    root = os.path.dirname(os.path.dirname(__file__))
+
+    def make(**extra):
+        return load_config(os.path.join(root, "conf", "baseline.yaml"), tiny_overrides(data_cache, results_dir, **extra))
+
+    return make

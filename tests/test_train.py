@@ -1,0 +1,123 @@
+"""End-to-end runs at tiny size: MLflow contents, resume == uninterrupted, failures end the run properly."""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+
+import lightning as L
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pc_lightning import tracking
+from pc_lightning.config import load_config
+from pc_lightning.train import train
+
+
+def client() -> MlflowClient:
+    return MlflowClient(tracking.tracking_uri(tracking.TrackingConfig()))
+
+
+def final_state(ckpt_dir: str) -> dict:
+    return torch.load(os.path.join(ckpt_dir, "last.ckpt"), map_location="cpu", weights_only=False)
+
+
+class StopAt(L.Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+class RaiseAt(L.Callback):
+    def __init__(self, step: int, exc: BaseException):
+        self.step, self.exc = step, exc
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            raise self.exc
+
+
+class PoisonAt(L.Callback):
+    """Sets one weight to NaN so that the next forward's loss is NaN."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, *args) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.model.lm_head.weight.fill_(float("nan"))
+
+
+def test_run_is_tracked_in_mlflow(tiny_cfg, tmp_path):
+    result = train(tiny_cfg(name="tracked"), quiet=True)
+    assert result.status == "finished" and result.step == 6
+    run = client().get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["optim.lr"] == "0.003" and run.data.params["model.d_model"] == "32"
+    for key in ("train/loss", "val/loss", "val/ppl", "val/unigram_entropy", "perf/tokens_per_sec"):
+        assert key in run.data.metrics, key
+    artifacts = [a.path for a in client().list_artifacts(result.run_id)]
+    assert "config.yaml" in artifacts
+    # the logged config re-runs as it is
+    path = client().download_artifacts(result.run_id, "config.yaml", str(tmp_path))
+    again = train(load_config(path), quiet=True)
+    assert again.status == "finished"
+    assert again.metrics["val/loss"] == pytest.approx(result.metrics["val/loss"], rel=1e-5)
+
+
+def test_resume_is_bit_identical(tiny_cfg):
+    steps = {"trainer.max_steps": 10, "trainer.checkpoint_every": 5, "trainer.val_every": 5}
+    straight = train(tiny_cfg(name="straight", **steps), quiet=True)
+    first = train(tiny_cfg(name="split", **steps), extra_callbacks=[StopAt(5)], quiet=True)
+    assert first.step == 5
+    resumed = train(tiny_cfg(name="split", **steps), resume="last", quiet=True)
+    assert resumed.step == 10 and resumed.run_id == first.run_id  # same MLflow run continues
+    a, b = final_state(straight.checkpoint_dir), final_state(resumed.checkpoint_dir)
+    assert a["global_step"] == b["global_step"] == 10
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    exp_a = a["optimizer_states"][0]["state"]
+    exp_b = b["optimizer_states"][0]["state"]
+    for i in exp_a:
+        assert torch.equal(exp_a[i]["exp_avg"], exp_b[i]["exp_avg"])
+
+
+def test_nan_loss_stops_naming_the_step(tiny_cfg):
+    result = train(tiny_cfg(name="nan"), extra_callbacks=[PoisonAt(4)], quiet=True)
+    assert result.status == "diverged"
+    assert "step 4" in result.message
+    run = client().get_run(result.run_id)
+    assert run.info.status == "FAILED" and run.data.tags["status"] == "diverged"
+    assert "train/loss" in run.data.metrics  # metrics so far are kept
+    assert glob.glob(os.path.join(result.checkpoint_dir, "*.ckpt"))  # something to resume from
+
+
+def test_exception_fails_run_and_keeps_checkpoint(tiny_cfg):
+    with pytest.raises(RuntimeError, match="boom"):
+        train(tiny_cfg(name="crash"), extra_callbacks=[RaiseAt(4, RuntimeError("boom"))], quiet=True)
+    runs = client().search_runs([client().get_experiment_by_name("pc-lightning").experiment_id],
+                                filter_string="tags.`pcl.name` = 'crash'")
+    assert runs[0].info.status == "FAILED" and runs[0].data.tags["status"] == "failed"
+    assert "train/loss" in runs[0].data.metrics
+    resumed = train(tiny_cfg(name="crash"), resume="last", quiet=True)
+    assert resumed.status == "finished" and resumed.step == 6
+
+
+def test_ctrl_c_kills_run(tiny_cfg):
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            train(tiny_cfg(name="ctrlc"), extra_callbacks=[RaiseAt(3, KeyboardInterrupt())], quiet=True)
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores SIGINT after a Ctrl-C; give it back
+    runs = client().search_runs([client().get_experiment_by_name("pc-lightning").experiment_id],
+                                filter_string="tags.`pcl.name` = 'ctrlc'")
+    assert runs[0].info.status == "KILLED"
+    resumed = train(tiny_cfg(name="ctrlc"), resume="last", quiet=True)
+    assert resumed.status == "finished"

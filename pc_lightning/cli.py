@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pc_lightning.config import ConfigError, load_config
+from pc_lightning.config import ConfigError, describe_keys, load_config
 
 OVERRIDES_HELP = (
     "dotted overrides applied after the config file, e.g. optim.lr=1e-3 model.linear=pc data.batch_size=8; "
@@ -37,8 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train one model and log it to MLflow",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train one model from a typed YAML config; log params, metrics and the "
-                                   "resolved config to MLflow; checkpoint to trainer.checkpoint_dir/<name>/<run id>.")
+                                   "resolved config to MLflow; checkpoint to trainer.checkpoint_dir/<name>/<run id>.",
+                       epilog="config keys (set in the YAML or as key.path=value):\n" + "\n".join(describe_keys()))
     _add_config_args(p)
     p.add_argument("--resume", metavar="last|CKPT",
                    help="resume from a checkpoint path, or 'last' = newest last.ckpt of this config's name; "

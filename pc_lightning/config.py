@@ -294,7 +294,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+    """Readable annotation: 'dense|pc|tsvd', 'int|None', 'list[str]'."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "|".join(str(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return "|".join(_type_name(a) for a in args)
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    if tp is type(None):
+        return "None"
+    return getattr(tp, "__name__", str(tp))
 
 
 def _build(cls: type, data: dict, prefix: str = "") -> Any:
@@ -312,6 +322,22 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
 def to_dict(cfg: Any) -> dict:
     """The fully resolved config as plain Python types (what MLflow records)."""
     return dataclasses.asdict(cfg)
+
+
+def describe_keys(cls: type = None, prefix: str = "") -> list[str]:
+    """One line per config key: dotted name, type and default (for ``pcl train --help``)."""
+    cls = cls or ExperimentConfig
+    hints = typing.get_type_hints(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines += describe_keys(tp, key)
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        lines.append(f"  {key:<36} {_type_name(tp):<34} default: {default!r}")
+    return lines
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

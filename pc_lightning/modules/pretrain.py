@@ -61,7 +61,8 @@ class PretrainModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.cfg.model.compile:
-            self.model = torch.compile(self.model)
+            # nn.Module.compile() compiles in place: state-dict keys (and so checkpoints) stay unchanged.
+            self.model.compile()
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:

@@ -50,6 +50,8 @@ class PCConfig:
     gamma_init: float = 1.0
     targets: list[str] = field(default_factory=lambda: ["ffn", "attn_out"])  # of ffn, attn_out, qk, v
     eps: float = 1e-6
+    bf16_matmuls: bool = True  # under bf16-mixed precision, run the polynomial's matmuls in bf16 (else fp32)
+    merge_on_end: bool = False  # write the merged dense checkpoint (+ HF export) when training ends
 
 
 @dataclass
@@ -66,6 +68,8 @@ class TSVDConfig:
     min_rank_fraction: float = 0.01
     max_rank_fraction: float = 1.0
     max_shrink_fraction: float = 0.5  # never drop more than this fraction of the rank at once
+    grow_fraction: float = 0.25  # when every kept direction is needed to reach tau, grow r by this fraction
+    ns_steps: int = 5  # cubic Newton-Schulz steps per refresh (ortho_method: newton_schulz)
 
 
 @dataclass
@@ -144,7 +148,7 @@ class OptimConfig:
     # soap
     precondition_frequency: int = 10
     max_precond_dim: int = 10000
-    # gauss-newton (gn, gn_layerwise)
+    # gauss-newton (gn, gn_layerwise): trainer.max_steps counts outer steps; each takes inner_steps + 1 batches
     inner_optimizer: Literal["adamw", "muon"] = "adamw"
     inner_steps: int = 8
     inner_lr: float = 3e-3
@@ -464,6 +468,9 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(m.logit_softcap >= 0, "model.logit_softcap", "must be >= 0 (0 = off)")
     _require(0 <= m.pc.level <= 4, "model.pc.level", f"must be in 0..4, got {m.pc.level}")
     _require(m.pc.power_iters >= 1, "model.pc.power_iters", "must be >= 1")
+    _require(m.pc.eps > 0, "model.pc.eps", "must be positive")
+    _require(m.pc.learnable_gamma or m.pc.gamma_init > 0, "model.pc.gamma_init",
+             "a fixed gamma (learnable_gamma false) must be positive")
     for name, targets in (("pc", m.pc.targets), ("tsvd", m.tsvd.targets)):
         bad = [x for x in targets if x not in ("ffn", "attn_out", "qk", "v")]
         _require(not bad, f"model.{name}.targets", f"unknown targets {bad}; use ffn, attn_out, qk, v")
@@ -474,6 +481,9 @@ def validate(cfg: ExperimentConfig) -> None:
              "need 0 < min_rank_fraction <= max_rank_fraction <= 1")
     _require(ts.refresh_every >= 1, "model.tsvd.refresh_every", "must be >= 1")
     _require(ts.rank_check_every >= 0, "model.tsvd.rank_check_every", "must be >= 0")
+    _require(0 < ts.max_shrink_fraction <= 1, "model.tsvd.max_shrink_fraction", "must be in (0, 1]")
+    _require(ts.grow_fraction >= 0, "model.tsvd.grow_fraction", "must be >= 0 (0 = never grow)")
+    _require(ts.ns_steps >= 1, "model.tsvd.ns_steps", "must be >= 1")
 
     _require(d.seq_len > 0, "data.seq_len", "must be positive")
     _require(d.seq_len <= m.max_seq_len, "data.seq_len",
@@ -500,6 +510,12 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(o.inner_steps >= 1, "optim.inner_steps", "must be >= 1")
     _require(len(o.line_search) > 0 and all(a > 0 for a in o.line_search), "optim.line_search",
              "need positive step sizes")
+    _require(o.eps > 0, "optim.eps", "must be positive")
+    _require(0 <= o.momentum < 1, "optim.momentum", "must be in [0, 1)")
+    _require(1 <= o.ns_steps < 100, "optim.ns_steps", "must be in 1..99 (torch.optim.Muon)")
+    _require(o.precondition_frequency >= 1, "optim.precondition_frequency", "must be >= 1")
+    _require(o.max_precond_dim >= 1, "optim.max_precond_dim", "must be >= 1")
+    _require(o.damping >= 0, "optim.damping", "must be >= 0")
 
     _require(t.max_tokens > 0, "trainer.max_tokens", "must be positive")
     _require(t.max_steps is None or t.max_steps > 0, "trainer.max_steps", "must be positive")
@@ -510,22 +526,37 @@ def validate(cfg: ExperimentConfig) -> None:
     if o.name in ("gn", "gn_layerwise"):
         _require(t.accumulate_grad_batches == 1, "trainer.accumulate_grad_batches",
                  "Gauss-Newton uses manual optimisation; leave accumulate_grad_batches at 1")
+        _require(m.z_loss == 0, "model.z_loss",
+                 "the Gauss-Newton model uses the cross-entropy Hessian only; set z_loss to 0 with optim.name=gn*")
+        _require(not m.compile, "model.compile", "the Gauss-Newton path (torch.func jvp/vjp) runs eagerly")
 
     sp = cfg.monitor.spike
     _require(sp.window >= 2, "monitor.spike.window", "must be >= 2")
     _require(0 < sp.warmup <= sp.window, "monitor.spike.warmup", "must be in 1..window")
     _require(sp.sigmas > 0, "monitor.spike.sigmas", "must be positive")
+    _require(sp.rollback_steps_back >= 1, "monitor.spike.rollback_steps_back", "must be >= 1")
+    _require(sp.rollback_skip_batches >= 0, "monitor.spike.rollback_skip_batches", "must be >= 0")
+    if sp.enabled and sp.action != "log":
+        _require(o.name not in ("gn", "gn_layerwise"), "monitor.spike.action",
+                 f"{sp.action} acts on Lightning's automatic optimizer step; Gauss-Newton runs support action=log")
+        _require(sp.action != "skip" or t.precision != "16-mixed", "monitor.spike.action",
+                 "skip drops the step's gradients, which the fp16 grad scaler refuses; use bf16-mixed or 32-true")
     _require(cfg.monitor.every >= 1, "monitor.every", "must be >= 1")
     _require(cfg.monitor.divergence_margin > 0, "monitor.divergence_margin", "must be positive")
+
+
+def batches_per_step(cfg: ExperimentConfig) -> int:
+    """Batches (per rank) one optimizer step consumes: a Gauss-Newton outer step takes inner_steps + 1."""
+    if cfg.optim.name in ("gn", "gn_layerwise"):
+        return cfg.optim.inner_steps + 1
+    return cfg.trainer.accumulate_grad_batches
 
 
 def steps_for_budget(cfg: ExperimentConfig, world_size: int = 1) -> int:
     """Optimizer steps: trainer.max_steps if set, else ceil(max_tokens / tokens per step)."""
     if cfg.trainer.max_steps is not None:
         return cfg.trainer.max_steps
-    tokens_per_step = (
-        cfg.data.batch_size * cfg.data.seq_len * cfg.trainer.accumulate_grad_batches * world_size
-    )
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * batches_per_step(cfg) * world_size
     return max(1, math.ceil(cfg.trainer.max_tokens / tokens_per_step))
 
 

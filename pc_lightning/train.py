@@ -21,12 +21,14 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 
 from pc_lightning import tracking
-from pc_lightning.config import ConfigError, ExperimentConfig, flatten, save_yaml, steps_for_budget, to_dict
+from pc_lightning.config import (ConfigError, ExperimentConfig, batches_per_step, flatten, save_yaml, steps_for_budget,
+                                 to_dict)
 from pc_lightning.data.datamodule import PretrainDataModule
 from pc_lightning.data.prepare import prepare
 from pc_lightning.callbacks.run_metadata import MlflowRunInCheckpoint
 from pc_lightning.callbacks.throughput import TokenThroughput
 from pc_lightning.model import count_parameters, flops_per_token
+from pc_lightning.modules.gauss_newton import GaussNewtonDataModule, GaussNewtonModule
 from pc_lightning.modules.pretrain import Diverged, PretrainModule
 
 
@@ -106,7 +108,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None, extra_callbacks: lis
 
     world = world_size(cfg)
     total_steps = steps_for_budget(cfg, world)
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.trainer.accumulate_grad_batches * world
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * batches_per_step(cfg) * world
 
     uri = tracking.tracking_uri(cfg.tracking)
     tracking.ensure_results_dir(uri)
@@ -120,9 +122,10 @@ def train(cfg: ExperimentConfig, resume: str | None = None, extra_callbacks: lis
                           tracking_uri=uri, tags=tags, run_id=run_id,
                           artifact_location=tracking.artifact_location(uri))
 
-    module = PretrainModule(to_dict(cfg), total_steps=total_steps)
-    datamodule = PretrainDataModule(cfg.data, seed=cfg.trainer.seed, max_steps=total_steps,
-                                    accumulate=cfg.trainer.accumulate_grad_batches)
+    gauss_newton = cfg.optim.name in ("gn", "gn_layerwise")  # manual optimisation, stacked batches
+    module = (GaussNewtonModule if gauss_newton else PretrainModule)(to_dict(cfg), total_steps=total_steps)
+    datamodule = (GaussNewtonDataModule if gauss_newton else PretrainDataModule)(
+        cfg.data, seed=cfg.trainer.seed, max_steps=total_steps, accumulate=batches_per_step(cfg))
     datamodule.prepared = prepared
 
     if logger.run_id is not None:  # rank 0

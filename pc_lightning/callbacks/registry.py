@@ -13,5 +13,37 @@ from pc_lightning.config import ExperimentConfig
 def configured_callbacks(cfg: ExperimentConfig, module: L.LightningModule) -> list[L.Callback]:
     callbacks: list[L.Callback] = []
     # --- layers (PC once-per-step, TSVD refresh / rank adaptation, spectrum monitor) ---
+    if cfg.model.linear == "pc":  # first: its on_before_optimizer_step fills the PC gradients other hooks read
+        from pc_lightning.callbacks.pc_step import PCStep
+
+        callbacks.append(PCStep(cfg.model.pc.bf16_matmuls))
+        if cfg.model.pc.merge_on_end:
+            from pc_lightning.callbacks.pc_merge import PCMerge
+
+            callbacks.append(PCMerge())
+    if cfg.monitor.spectrum:
+        from pc_lightning.callbacks.spectrum_monitor import SpectrumMonitor
+
+        callbacks.append(SpectrumMonitor(cfg.monitor.every))
+    if cfg.model.linear == "tsvd":  # refresh first: a rank check then sees freshly retracted factors
+        from pc_lightning.callbacks.ortho_refresh import OrthoRefresh
+        from pc_lightning.callbacks.rank_adaptation import RankAdaptation
+
+        callbacks.append(OrthoRefresh(cfg.model.tsvd.refresh_every, cfg.model.tsvd.ortho_method))
+        if cfg.model.tsvd.rank_check_every > 0:
+            callbacks.append(RankAdaptation(cfg.model.tsvd))
     # --- stability monitors and spike detection ---
+    mon = cfg.monitor
+    if mon.activation_norms or mon.attn_logits or mon.log_z or mon.embed_std:
+        from pc_lightning.callbacks.activation_monitor import ActivationMonitor
+
+        callbacks.append(ActivationMonitor(mon))
+    if mon.grad_norms:  # before spike detection: its skip action drops the gradients
+        from pc_lightning.callbacks.grad_monitor import GradNormMonitor
+
+        callbacks.append(GradNormMonitor(mon.every))
+    if mon.spike.enabled:
+        from pc_lightning.callbacks.spike_detection import SpikeDetection
+
+        callbacks.append(SpikeDetection(mon.spike))
     return callbacks

@@ -3,7 +3,8 @@
 * Training: window ``i`` (a global sample index) starts at an offset drawn from a generator seeded with
   ``(seed, i)``, so the data a run sees depends only on the seed and the sample index. On resume the
   sampler starts at ``global_step * accumulate * batch * world_size``: a resumed run sees exactly the
-  windows an uninterrupted run would have. Each rank takes every ``world_size``-th index (we do the
+  windows an uninterrupted run would have. A spike rollback (callbacks/spike_detection.py) moves the start on by
+  the batches it skips (``skip_batches``, kept in checkpoints). Each rank takes every ``world_size``-th index (we do the
   sharding ourselves; Lightning's DistributedSampler is turned off in the Trainer).
 * Validation: a fixed set of ``val_batches * batch_size`` windows spread evenly over ``val.bin``, so val loss
   is comparable across runs and variants.
@@ -65,12 +66,30 @@ class ResumableSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.count
 
+    def skip(self, samples: int) -> None:
+        """Jump ``samples`` indices per rank ahead in the stream; applies to indices not drawn yet."""
+        self.start += samples * self.world_size
+
 
 class PretrainDataModule(L.LightningDataModule):
     def __init__(self, cfg: DataConfig, seed: int, max_steps: int, accumulate: int = 1):
         super().__init__()
         self.cfg, self.seed, self.max_steps, self.accumulate = cfg, seed, max_steps, accumulate
         self.prepared: PreparedData | None = None
+        self.skipped_samples = 0  # per rank, skipped by spike rollbacks (PaLM); saved in checkpoints
+        self._sampler: ResumableSampler | None = None
+
+    def skip_batches(self, batches: int) -> None:
+        """Skip the next ``batches`` micro-batches of the training stream (PaLM's rollback recipe)."""
+        self.skipped_samples += batches * self.cfg.batch_size
+        if self._sampler is not None:
+            self._sampler.skip(batches * self.cfg.batch_size)
+
+    def state_dict(self) -> dict:
+        return {"skipped_samples": self.skipped_samples}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.skipped_samples = state_dict.get("skipped_samples", 0)
 
     def prepare_data(self) -> None:
         prepare(self.cfg)
@@ -89,11 +108,12 @@ class PretrainDataModule(L.LightningDataModule):
         step, rank, world = self._world()
         per_step = self.cfg.batch_size * self.accumulate  # samples per rank per optimizer step
         sampler = ResumableSampler(
-            start=step * per_step * world,
+            start=(step * per_step + self.skipped_samples) * world,
             count=max(0, self.max_steps - step) * per_step,
             rank=rank,
             world_size=world,
         )
+        self._sampler = sampler
         ds = RandomWindows(self.prepared.tokens("train"), self.cfg.seq_len, self.seed)
         return DataLoader(ds, batch_size=self.cfg.batch_size, sampler=sampler,
                           num_workers=self.cfg.num_workers, drop_last=True,

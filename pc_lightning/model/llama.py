@@ -47,6 +47,8 @@ class Attention(nn.Module):
         self.k_norm = nn.LayerNorm(d) if cfg.attn_norm in ("qk_norm", "qkv_norm") else None
         self.v_norm = nn.LayerNorm(d) if cfg.attn_norm == "qkv_norm" else None
         self.post_norm = nn.LayerNorm(d) if cfg.post_proj_norm else None
+        # Hook point (identity): monitors read the (q, k) pair here, after qk-norm and RoPE.
+        self.qk_probe = nn.Identity()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
@@ -56,7 +58,7 @@ class Attention(nn.Module):
         if self.v_norm is not None:
             v = self.v_norm(v)
         q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.qk_probe((apply_rope(q, cos, sin), apply_rope(k, cos, sin)))
         if self.softcap > 0:
             y = capped_attention(q, k, v, self.softcap)
         else:
@@ -133,6 +135,8 @@ class Llama(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         cfg = self.cfg
+        # Spike No More uses the same std for the embedding, so with embed=scaled the embedding output has
+        # std sqrt(d) * sqrt(2/(5d)) = sqrt(2/5) ~ 0.63 at init: the paper's "close to 1" (section 4).
         std = math.sqrt(2.0 / (5.0 * cfg.d_model)) if cfg.init == "small" else cfg.init_std
         out_std = std / math.sqrt(2.0 * cfg.n_layers)
         nn.init.normal_(self.tok_emb.weight, mean=0.0, std=std)

@@ -1,33 +1,112 @@
 """Build the optimizer named by ``optim.name`` for a model (DESIGN.md section 5).
 
-Parameter groups: weight decay on matrices (``ndim >= 2``) only; norms, gains and scalars get none.
+* ``adamw``: ``torch.optim.AdamW``. Parameter groups: weight decay on matrices (``ndim >= 2``) only; norms,
+  gains and scalars get none.
+* ``muon``: ``torch.optim.Muon`` (Keller Jordan 2024: Nesterov momentum, then ``ns_steps`` Newton-Schulz
+  iterations that map the update to about U Vᵀ of its SVD, then lr scaled by ``adjust_lr_fn``:
+  ``original`` = sqrt(max(1, rows/cols)), ``match_rms_adamw`` = 0.2·sqrt(max(rows, cols)), which gives the
+  update the RMS of an AdamW update, so ``lr`` is on AdamW's scale) on the *hidden matrices*, AdamW with
+  ``adamw_lr`` on everything else, stepped together by :class:`CombinedOptimizer`.
+  Hidden matrices = every 2-D parameter under ``blocks.``: dense weights, the raw weight W of a PC layer
+  (Muon orthogonalises the update of W; the polynomial acts on W in the forward) and the TSVD factors U and
+  V (matrices whose rows/columns the layer re-orthonormalises anyway; Muon's update keeps their scale).
+  Not hidden: token embedding and LM head (Muon is meant for hidden layers: the embedding is a lookup and
+  the head's rows are per-token classifiers), and all 1-D / scalar parameters (norm weights, PC gains γ,
+  TSVD singular values s).
+* ``soap``: ``pytorch_optimizer.SOAP`` (Vyas et al. 2024, arXiv 2409.11321), see :func:`soap`.
+* ``gn`` / ``gn_layerwise``: the outer step belongs to
+  :class:`~pc_lightning.modules.gauss_newton.GaussNewtonModule`; :func:`build_inner_optimizer` builds the
+  inner optimizer (``inner_optimizer`` = adamw | muon, every group at ``inner_lr``).
 """
 
 from __future__ import annotations
 
+import pytorch_optimizer
 import torch
 from torch import nn
 
 from pc_lightning.config import OptimConfig
+from pc_lightning.optim.combined import CombinedOptimizer
+
+NamedParams = list[tuple[str, nn.Parameter]]
 
 
-def decay_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float, lr: float) -> list[dict]:
+def decay_groups(params: NamedParams, weight_decay: float, lr: float) -> list[dict]:
     decay = [p for _, p in params if p.ndim >= 2]
     no_decay = [p for _, p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay, "lr": lr},
-              {"params": no_decay, "weight_decay": 0.0, "lr": lr}]
+    groups = [{"params": decay, "weight_decay": weight_decay, "lr": lr, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "lr": lr, "name": "no_decay"}]
     return [g for g in groups if g["params"]]
 
 
-def adamw(params: list[tuple[str, nn.Parameter]], cfg: OptimConfig, lr: float | None = None) -> torch.optim.AdamW:
+def adamw(params: NamedParams, cfg: OptimConfig, lr: float | None = None) -> torch.optim.AdamW:
     lr = cfg.lr if lr is None else lr
     fused = all(p.is_cuda for _, p in params) and len(params) > 0
     return torch.optim.AdamW(decay_groups(params, cfg.weight_decay, lr), lr=lr, betas=tuple(cfg.betas),
                              eps=cfg.eps, fused=fused or None)
 
 
+def is_hidden_matrix(name: str, param: nn.Parameter) -> bool:
+    """Muon's share: 2-D parameters inside the transformer blocks (see the module docstring)."""
+    return param.ndim == 2 and name.startswith("blocks.")
+
+
+def muon(params: NamedParams, cfg: OptimConfig, lr: float | None = None,
+         adamw_lr: float | None = None) -> CombinedOptimizer:
+    lr = cfg.lr if lr is None else lr
+    adamw_lr = cfg.adamw_lr if adamw_lr is None else adamw_lr
+    hidden = [(n, p) for n, p in params if is_hidden_matrix(n, p)]
+    rest = [(n, p) for n, p in params if not is_hidden_matrix(n, p)]
+    parts: list[torch.optim.Optimizer] = []
+    if hidden:
+        parts.append(torch.optim.Muon(
+            [{"params": [p for _, p in hidden], "name": "muon"}], lr=lr, weight_decay=cfg.weight_decay,
+            momentum=cfg.momentum, nesterov=cfg.nesterov, ns_steps=cfg.ns_steps, adjust_lr_fn=cfg.adjust_lr_fn,
+        ))
+    if rest:
+        parts.append(adamw(rest, cfg, lr=adamw_lr))
+    return CombinedOptimizer(parts)
+
+
+def soap(params: NamedParams, cfg: OptimConfig) -> pytorch_optimizer.SOAP:
+    """SOAP: Adam run in the eigenbasis of Shampoo's factors L = E[G Gᵀ], R = E[Gᵀ G].
+
+    Per matrix: rotate the gradient G' = Q_Lᵀ G Q_R, run Adam on G', rotate the Adam direction back, and
+    update L, R every step (EMA with beta2). Dimensions above ``max_precond_dim`` stay unrotated; 1-D
+    parameters get plain Adam.
+
+    * First step: ``pytorch_optimizer.SOAP`` spends the first ``step()`` initialising L, R and their
+      eigenbases (``torch.linalg.eigh``) from the first gradient and leaves the parameters unchanged
+      (tested in tests/test_optimizers.py). Step 1 of a SOAP run therefore trains nothing; bias
+      correction counts from the second step.
+    * ``precondition_frequency``: every that many steps the eigenbases are re-estimated by one power
+      iteration followed by a QR decomposition, warm-started from the previous basis (the paper's cheap
+      update, not a fresh ``eigh``). Adam's first moment lives in parameter space and is projected every
+      step; the second moment lives in the rotated basis and is re-ordered to follow the new eigenvectors.
+    """
+    return pytorch_optimizer.SOAP(
+        decay_groups(params, cfg.weight_decay, cfg.lr), lr=cfg.lr, betas=tuple(cfg.betas),
+        weight_decay=cfg.weight_decay, precondition_frequency=cfg.precondition_frequency,
+        max_precondition_dim=cfg.max_precond_dim, eps=cfg.eps,
+    )
+
+
+def build_inner_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The Gauss-Newton inner optimizer over all trainable parameters; every group at ``inner_lr``."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if cfg.inner_optimizer == "muon":
+        return muon(params, cfg, lr=cfg.inner_lr, adamw_lr=cfg.inner_lr)
+    return adamw(params, cfg, lr=cfg.inner_lr)
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if cfg.name == "adamw":
         return adamw(params, cfg)
-    raise NotImplementedError(f"optim.name={cfg.name} is not available yet")
+    if cfg.name == "muon":
+        return muon(params, cfg)
+    if cfg.name == "soap":
+        return soap(params, cfg)
+    if cfg.name in ("gn", "gn_layerwise"):
+        return build_inner_optimizer(model, cfg)
+    raise ValueError(f"unknown optim.name={cfg.name}")

@@ -1,0 +1,91 @@
+"""Evaluate the PC layers' polynomial once per optimizer step, not once per forward (DESIGN.md section 8).
+
+PC Layer (Wang et al., arXiv 2606.06470): W_eff = γ·σ̂·g(W/σ̂). Evaluating g inside every forward repeats
+the same work for every micro-batch and launches many small matmuls. Instead, with L the loss summed over
+the micro-batches of one optimizer step and W_eff = f(W, γ) fixed during that step,
+
+    ∂L/∂W = (∂W_eff/∂W)ᵀ · Σ_micro-batches ∂L_i/∂W_eff
+
+so the chain rule through f needs to run once per step, after the micro-batches' backwards:
+
+1. ``on_train_batch_start`` of the first micro-batch: refine σ̂ (power iteration), compute every W_eff batched by
+   weight shape (bf16 matmuls under bf16-mixed, fp32 normaliser), keep that graph, and give each layer a
+   *detached leaf copy* of its W_eff that requires grad; the forward uses it.
+2. Each micro-batch's backward accumulates ∂L_i/∂W_eff into the leaves' ``.grad``.
+3. ``on_before_optimizer_step`` (Lightning calls it after the closure and before gradient clipping, see
+   ``Precision._after_closure`` in lightning/pytorch/plugins/precision/precision.py): backpropagate the leaves'
+   gradients through the kept graph into ``weight`` and ``gamma`` (added to their ``.grad``), then drop the cache,
+   so the optimizer step, validation and the next step see fresh weights.
+
+Under DDP the leaves' gradients are averaged over ranks before step 3 (the leaves are not parameters, so DDP does
+not reduce them); the PC parameters get no gradient inside the forward, so DDP needs
+``strategy: ddp_find_unused_parameters_true``. fp16 loss scaling is refused (the leaves' gradients would stay
+scaled); FSDP shards the raw weights and is not supported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pc_lightning.layers.pc_linear import PCLinear, effective_weights, power_iteration
+
+
+def pc_layers(model: nn.Module) -> list[PCLinear]:
+    return [m for m in model.modules() if isinstance(m, PCLinear)]
+
+
+class PCStep(L.Callback):
+    def __init__(self, bf16_matmuls: bool = True):
+        self.bf16_matmuls = bf16_matmuls
+        self._layers: list[PCLinear] = []
+        self._outputs: list[torch.Tensor] | None = None  # W_eff with its graph to weight and gamma
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if "16-mixed" == str(trainer.precision):
+            raise ValueError("PCStep does not support fp16 loss scaling (precision 16-mixed); use bf16-mixed")
+        self._layers = pc_layers(pl_module)
+
+    def _autocast(self, trainer: L.Trainer, device: torch.device):
+        if self.bf16_matmuls and str(trainer.precision) == "bf16-mixed":
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if self._outputs is not None or not self._layers:  # already built for this optimizer step
+            return
+        power_iteration(self._layers)
+        with torch.enable_grad(), self._autocast(trainer, self._layers[0].weight.device):
+            self._outputs = effective_weights(self._layers)
+        for layer, w_eff in zip(self._layers, self._outputs):
+            layer.step_weight = w_eff.detach().requires_grad_()
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        if self._outputs is None:
+            return
+        grads = [layer.step_weight.grad if layer.step_weight.grad is not None
+                 else torch.zeros_like(layer.step_weight) for layer in self._layers]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+            grads = list(flat.split([g.numel() for g in grads]))
+            grads = [g.view_as(w) for g, w in zip(grads, self._outputs)]
+        torch.autograd.backward(self._outputs, grads)
+        self.release()
+
+    def release(self) -> None:
+        """Drop the cached W_eff (the layers fall back to computing W_eff in their forward)."""
+        for layer in self._layers:
+            layer.step_weight = None
+        self._outputs = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.release()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.release()

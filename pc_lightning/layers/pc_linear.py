@@ -1,0 +1,131 @@
+"""PC layer: a linear layer whose applied weight is a polynomial preconditioning of its raw weight.
+
+Wang, Fang, Zhang, Zhang, Zhao, Schwing, Sun, "PC Layer", arXiv 2606.06470 (DESIGN.md section 3):
+
+    σ̂ = uᵀ W v                         (u, v: unit vectors refined by streaming power iteration, no gradient)
+    Ŵ = W / (σ̂ + ε)                     (normaliser ``spectral``; ``none``: Ŵ = W, for ablation)
+    W_eff = γ · sg(σ̂) · g_k(Ŵ)          (sg(σ̂) only with ``recover_w_norm``; γ a learnable scalar, init 1)
+
+with g_k the odd polynomial of :mod:`pc_lightning.layers.pc_polynomial`. The normaliser (σ̂ and the
+division) always runs in fp32; the polynomial runs in the ambient dtype (bf16 matmuls under autocast).
+
+During training, :class:`pc_lightning.callbacks.pc_step.PCStep` evaluates W_eff for all PC layers once per
+optimizer step (batched by shape, :func:`effective_weights`) and sets ``step_weight``, a detached leaf the
+forward uses; without it (evaluation, standalone use) the forward computes W_eff itself. Training without
+the callback must call :func:`power_iteration` once per optimizer step, or σ̂ goes stale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pc_lightning.config import PCConfig
+from pc_lightning.layers.pc_polynomial import apply_polynomial
+
+# Power-iteration steps run at initialisation, so that σ̂ is accurate from the first step on.
+INIT_POWER_ITERS = 50
+
+
+class PCLinear(nn.Module):
+    """y = x W_effᵀ with W_eff = γ·σ̂·g(W/σ̂); ``weight`` (out, in) is the raw trained matrix."""
+
+    def __init__(self, in_features: int, out_features: int, cfg: PCConfig):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.level = cfg.level
+        self.normalizer = cfg.normalizer
+        self.recover_w_norm = cfg.recover_w_norm
+        self.power_iters = cfg.power_iters
+        self.eps = cfg.eps
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        gamma = torch.tensor(float(cfg.gamma_init))
+        if cfg.learnable_gamma:
+            self.gamma = nn.Parameter(gamma)
+        else:
+            self.register_buffer("gamma", gamma)
+        self.register_buffer("u", F.normalize(torch.randn(out_features), dim=0))
+        self.register_buffer("v", F.normalize(torch.randn(in_features), dim=0))
+        # W_eff of the current optimizer step, a leaf requiring grad; set and cleared by the PCStep callback.
+        self.step_weight: torch.Tensor | None = None
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, level={self.level}, "
+                f"normalizer={self.normalizer}, recover_w_norm={self.recover_w_norm}")
+
+    @torch.no_grad()
+    def init_weights(self, std: float) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=std)
+        power_iteration([self], INIT_POWER_ITERS)
+
+    def effective_weight(self) -> torch.Tensor:
+        """W_eff (out, in) in fp32 (fp64 for an fp64 layer), from the current u, v: what merge/export and the monitors read."""
+        return effective_weights([self])[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.step_weight if self.step_weight is not None else self.effective_weight()
+        return F.linear(x, w.to(x.dtype))
+
+
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """t in fp32, or in fp64 when it already is (fp64 runs stay exact, e.g. in gradient checks)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _group_key(layer: PCLinear) -> tuple:
+    return (tuple(layer.weight.shape), layer.weight.device, layer.level, layer.normalizer, layer.recover_w_norm,
+            layer.eps)
+
+
+def group_by_shape(layers: Sequence[PCLinear]) -> list[list[int]]:
+    """Indices of layers that can share one batched evaluation (same shape, device and settings)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, layer in enumerate(layers):
+        groups.setdefault(_group_key(layer), []).append(i)
+    return list(groups.values())
+
+
+@torch.no_grad()
+def power_iteration(layers: Sequence[PCLinear], steps: int | None = None) -> None:
+    """Refine u, v towards W's top singular vectors: v ← Wᵀu/‖Wᵀu‖, u ← Wv/‖Wv‖ (warm-started, fp32).
+
+    Batched over same-shape layers; ``steps`` defaults to each layer's ``power_iters``.
+    """
+    for idx in group_by_shape(layers):
+        group = [layers[i] for i in idx]
+        w = at_least_fp32(torch.stack([layer.weight.detach() for layer in group]))
+        u = at_least_fp32(torch.stack([layer.u for layer in group]))
+        v = at_least_fp32(torch.stack([layer.v for layer in group]))
+        for _ in range(group[0].power_iters if steps is None else steps):
+            v = F.normalize(torch.einsum("bmn,bm->bn", w, u), dim=-1)
+            u = F.normalize(torch.einsum("bmn,bn->bm", w, v), dim=-1)
+        for j, layer in enumerate(group):
+            layer.u.copy_(u[j])
+            layer.v.copy_(v[j])
+
+
+def effective_weights(layers: Sequence[PCLinear]) -> list[torch.Tensor]:
+    """W_eff (fp32, fp64 for fp64 weights) of every layer, differentiable w.r.t. weight and γ; one batched polynomial per shape."""
+    out: list[torch.Tensor | None] = [None] * len(layers)
+    for idx in group_by_shape(layers):
+        group = [layers[i] for i in idx]
+        first = group[0]
+        w = torch.stack([layer.weight for layer in group])
+        gamma = at_least_fp32(torch.stack([layer.gamma for layer in group]))
+        with torch.autocast(device_type=w.device.type, enabled=False):  # fp32 normaliser
+            w = at_least_fp32(w)
+            if first.normalizer == "spectral":
+                u = at_least_fp32(torch.stack([layer.u for layer in group]))
+                v = at_least_fp32(torch.stack([layer.v for layer in group]))
+                sigma = torch.einsum("bm,bmn,bn->b", u, w, v)
+                w_hat = w / (sigma + first.eps)[:, None, None]
+                scale = gamma * sigma.detach() if first.recover_w_norm else gamma
+            else:
+                w_hat, scale = w, gamma
+        w_eff = scale[:, None, None] * at_least_fp32(apply_polynomial(w_hat, first.level))
+        for j, i in enumerate(idx):
+            out[i] = w_eff[j]
+    return out  # type: ignore[return-value]

@@ -1,0 +1,223 @@
+"""TSVD layer: a linear map held as truncated-SVD factors with cached orthonormal U and V.
+
+Kamali, Schweighofer, Shahrzad, Francon, Hodjat, Miikkulainen, "Efficient Pre-Training of LLMs through
+Truncated SVD Layers", arXiv 2605.28573 (2026).
+
+    W = U · diag(s) · Vᵀ,   U ∈ R^{m×r}, V ∈ R^{n×r}, UᵀU = VᵀV = I_r,   y = ((x V) ⊙ s) Uᵀ
+
+so a token costs r(m + n) multiply-adds instead of m·n, and |s| *are* W's singular values (U, V orthonormal).
+
+What the paper does (as far as we could read it): every weight matrix is kept in truncated-SVD form for
+the whole of pre-training; U and V are kept *strictly* orthonormal, and the orthonormalisation is cached
+so that it is not recomputed on every access; the rank of each layer is adapted during training by a
+spectral-energy rule (keep the smallest r with Σ_{i≤r} s_i² ≥ τ Σ_i s_i²,
+:mod:`pc_lightning.layers.energy_rank`). Only the paper's abstract and introduction were retrievable from
+the stored copies available to us, not its method section; the exact recipe below (retraction, refresh
+schedule, growth rule, optimizer-state handling) follows DESIGN.md section 4 and is *ours*: treat every
+detail that is not in the paragraph above as a possible deviation from the paper.
+
+How orthonormality and gradients are reconciled here:
+
+* Trainable parameters ``U`` (m×r), ``V`` (n×r), ``s`` (r) are unconstrained. Buffers ``U_ortho`` and
+  ``V_ortho`` hold an orthonormalised copy (QR with a positive-diagonal sign fix, or a few cubic
+  Newton-Schulz polar steps X ← X(3I − XᵀX)/2, ``ortho_method``). Every forward uses the *cached* copies,
+  so ‖UᵀU − I‖∞ stays at round-off at every forward, between refreshes too.
+* Gradients reach the raw parameters by a straight-through map: the forward value is the cached factor,
+  the backward passes ∂L/∂U_ortho to ``U`` unchanged (:class:`_StraightThrough`). The optimizer thus takes
+  an unconstrained step from the orthonormal point, and :meth:`TSVDLinear.refresh` (called after the
+  optimizer step by :class:`pc_lightning.callbacks.ortho_refresh.OrthoRefresh`, every
+  ``refresh_every`` steps) orthonormalises the raw factor and *writes it back* into the parameter: a
+  QR / polar retraction. With ``refresh_every = 1`` this is exactly "step, then retract"; with k > 1 the
+  forward keeps the last orthonormal factors for k steps while the raw ones accumulate updates.
+* Why not ``torch.nn.utils.parametrizations.orthogonal`` + ``parametrize.cached()``: that cache lives only
+  inside one ``with cached():`` block (one forward/backward, the graph through the map is needed for the
+  gradient), so it cannot carry an orthonormal factor across optimizer steps; and differentiating through
+  QR every step is what the caching is meant to avoid.
+* ``s`` is a plain parameter (it may change sign: |s| are the singular values). Weight decay of the matrix
+  parameter groups hits ``U``/``V``, where the retraction removes it (QR of c·U has the same Q), so in
+  effect the factored layer is not weight-decayed: ``s`` is 1-D and gets none (optim/factory.py).
+* Persistence: the caches are persistent buffers, so a checkpoint resumes with exactly the factors the
+  forward used. Loading a state dict whose rank differs from this layer's resizes the layer first
+  (:meth:`_load_from_state_dict`), so checkpoints written after a rank change load into a fresh model.
+* Dense conversion: :meth:`effective_weight` returns U_ortho·diag(s)·V_orthoᵀ in fp32, exactly the map the
+  forward applies; the generic merge (``pc_lightning.merge``) writes it into a plain linear layer.
+
+Initialisation (``init_weights(std)``): with ``init_from_svd`` the top-r SVD of a normal(0, std²) m×n
+matrix (the dense init truncated), else random orthonormal U, V with every s_i = std·sqrt(max(m, n)), the
+root-mean-square singular value of that dense matrix. r = round(init_rank_fraction · min(m, n)), clamped
+to [r_min, r_max].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from pc_lightning.config import TSVDConfig
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the cached orthonormal factor. Backward: its gradient goes to the raw parameter as is."""
+
+    @staticmethod
+    def forward(ctx, raw: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
+        return cached.view_as(cached)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def orthonormality_error(q: torch.Tensor) -> torch.Tensor:
+    """‖QᵀQ − I‖∞ (max absolute entry), computed in fp32."""
+    q = q.detach().float()
+    gram = q.T @ q
+    return (gram - torch.eye(gram.shape[0], device=q.device)).abs().max()
+
+
+def orthonormalize(x: torch.Tensor, method: str, ns_steps: int = 5) -> torch.Tensor:
+    """Orthonormal columns spanning (close to) x's, in fp32.
+
+    ``qr``: Q of x = QR with the signs fixed so that diag(R) > 0 (the QR retraction; without the fix a
+    column could flip sign between refreshes). ``newton_schulz``: cubic Newton-Schulz iteration towards the
+    polar factor, X ← X(3I − XᵀX)/2; it converges quadratically for singular values in (0, √3), which holds
+    for a raw factor a few optimizer steps away from orthonormal; the caller checks the result.
+    """
+    x = x.float()
+    if method == "qr":
+        q, r = torch.linalg.qr(x)
+        sign = torch.sign(torch.diagonal(r))
+        return q * torch.where(sign == 0, torch.ones_like(sign), sign)
+    if method == "newton_schulz":
+        eye = torch.eye(x.shape[1], device=x.device)
+        for _ in range(ns_steps):
+            x = x @ (1.5 * eye - 0.5 * (x.T @ x))
+        return x
+    raise ValueError(f"unknown ortho_method {method!r}")
+
+
+def rank_bounds(in_features: int, out_features: int, cfg: TSVDConfig) -> tuple[int, int]:
+    """[r_min, r_max] from the config fractions of min(m, n); r_min >= 1."""
+    full = min(in_features, out_features)
+    r_min = max(1, math.ceil(cfg.min_rank_fraction * full))
+    r_max = max(r_min, math.floor(cfg.max_rank_fraction * full))
+    return r_min, r_max
+
+
+class TSVDLinear(nn.Module):
+    """y = ((x V) ⊙ s) Uᵀ with U, V orthonormal (cached); see the module docstring."""
+
+    def __init__(self, in_features: int, out_features: int, cfg: TSVDConfig):
+        super().__init__()
+        self.in_features, self.out_features, self.cfg = in_features, out_features, cfg
+        self.r_min, self.r_max = rank_bounds(in_features, out_features, cfg)
+        r = min(max(round(cfg.init_rank_fraction * min(in_features, out_features)), self.r_min), self.r_max)
+        self.U = nn.Parameter(torch.empty(out_features, r))
+        self.V = nn.Parameter(torch.empty(in_features, r))
+        self.s = nn.Parameter(torch.empty(r))
+        self.register_buffer("U_ortho", torch.empty(out_features, r))
+        self.register_buffer("V_ortho", torch.empty(in_features, r))
+        self.init_weights(0.02)
+
+    @property
+    def rank(self) -> int:
+        return self.s.shape[0]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+    # ------------------------------------------------------------------ init / refresh
+    @torch.no_grad()
+    def init_weights(self, std: float) -> None:
+        m, n, r = self.out_features, self.in_features, self.rank
+        device = self.U.device
+        if self.cfg.init_from_svd:
+            u, s, vh = torch.linalg.svd(torch.randn(m, n, device=device) * std, full_matrices=False)
+            u, s, v = u[:, :r], s[:r], vh[:r].T
+        else:
+            u = orthonormalize(torch.randn(m, r, device=device), "qr")
+            v = orthonormalize(torch.randn(n, r, device=device), "qr")
+            s = torch.full((r,), std * math.sqrt(max(m, n)), device=device)
+        self._set_factors(u, s, v)
+
+    @torch.no_grad()
+    def _set_factors(self, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> None:
+        """Raw parameters and caches := the given orthonormal factors (shapes may change: resize)."""
+        dtype = self.U.dtype
+        for param, value in ((self.U, u), (self.V, v), (self.s, s)):
+            param.data = value.to(dtype).contiguous()
+            param.grad = None
+        self.U_ortho = u.to(dtype).clone()
+        self.V_ortho = v.to(dtype).clone()
+
+    @torch.no_grad()
+    def refresh(self, method: str | None = None) -> None:
+        """Orthonormalise the raw factors, cache them and write them back into the parameters (retraction)."""
+        method = method or self.cfg.ortho_method
+        for raw, cache in ((self.U, self.U_ortho), (self.V, self.V_ortho)):
+            q = orthonormalize(raw, method, self.cfg.ns_steps).to(raw.dtype)
+            cache.copy_(q)
+            raw.copy_(q)
+
+    @torch.no_grad()
+    def orthonormality_error(self) -> torch.Tensor:
+        """max(‖UᵀU − I‖∞, ‖VᵀV − I‖∞) of the cached factors the forward uses (a 0-dim tensor)."""
+        return torch.maximum(orthonormality_error(self.U_ortho), orthonormality_error(self.V_ortho))
+
+    # ------------------------------------------------------------------ rank changes
+    @torch.no_grad()
+    def resize(self, new_rank: int) -> torch.Tensor:
+        """Change the rank to ``new_rank``, keeping the top singular directions (largest |s|).
+
+        The factors are refreshed first, then sorted by |s| descending; shrinking drops the tail, growing
+        appends random directions orthonormal to the kept ones with s = 0 (so W is unchanged by growth).
+        Returns ``keep``: the old rank indices now at positions 0..len(keep)-1 (positions beyond are new),
+        which :mod:`pc_lightning.callbacks.rank_adaptation` uses to remap optimizer state.
+        """
+        self.refresh()
+        order = torch.argsort(self.s.abs(), descending=True)
+        keep = order[: min(new_rank, self.rank)]
+        u, v, s = self.U_ortho[:, keep].float(), self.V_ortho[:, keep].float(), self.s[keep].float()
+        grow = new_rank - keep.numel()
+        if grow > 0:
+            u = torch.cat([u, self._orthonormal_complement(u, grow)], dim=1)
+            v = torch.cat([v, self._orthonormal_complement(v, grow)], dim=1)
+            s = torch.cat([s, s.new_zeros(grow)])
+        self._set_factors(u, s, v)
+        return keep
+
+    @staticmethod
+    def _orthonormal_complement(q: torch.Tensor, k: int) -> torch.Tensor:
+        """k random orthonormal columns orthogonal to q's (projected twice for round-off)."""
+        x = torch.randn(q.shape[0], k, device=q.device)
+        for _ in range(2):
+            x = x - q @ (q.T @ x)
+        return orthonormalize(x, "qr")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # A checkpoint written after a rank change: take its shapes, then let the default loader copy.
+        saved = state_dict.get(prefix + "s")
+        if saved is not None and saved.shape[0] != self.rank:
+            r = saved.shape[0]
+            with torch.no_grad():
+                self._set_factors(self.U.new_empty(self.out_features, r), self.s.new_empty(r),
+                                  self.V.new_empty(self.in_features, r))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    # ------------------------------------------------------------------ forward
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(U, s, V) as the forward uses them: cached orthonormal values, gradients to the raw parameters."""
+        return _StraightThrough.apply(self.U, self.U_ortho), self.s, _StraightThrough.apply(self.V, self.V_ortho)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u, s, v = self.factors()
+        return ((x @ v) * s) @ u.T
+
+    def effective_weight(self) -> torch.Tensor:
+        """The dense (out, in) matrix this layer applies, U·diag(s)·Vᵀ in fp32 (merge, spectrum monitor)."""
+        u, s, v = self.factors()
+        return (u.float() * s.float()) @ v.float().T

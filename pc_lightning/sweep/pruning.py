@@ -1,0 +1,38 @@
+"""Optuna pruning for pre-training: report the objective at every validation, keyed by optimizer step.
+
+Written instead of using ``optuna_integration.PyTorchLightningPruningCallback`` because that callback
+reports once per *epoch* with the epoch number as the step; pre-training runs a single long epoch and
+validates every ``trainer.val_every`` optimizer steps, so the pruner would see one point per trial at
+best. Here each validation reports ``(value, trainer.global_step)``, so the median/Hyperband pruners
+compare trials at the same number of optimizer steps (DESIGN.md section 7).
+
+Under DDP only rank 0 holds the trial: wrap it in ``optuna.integration.TorchDistributedTrial`` on every
+rank so ``should_prune()`` is broadcast and all ranks stop together (see the README).
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import optuna
+
+
+class OptunaPruning(L.Callback):
+    def __init__(self, trial: optuna.trial.BaseTrial, metric: str = "val/loss"):
+        self.trial, self.metric = trial, metric
+        self.run_id: str | None = None  # the MLflow run of this trial, for marking it pruned afterwards
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.run_id = getattr(trainer.logger, "run_id", None)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self.metric not in trainer.callback_metrics:
+            return
+        value = float(trainer.callback_metrics[self.metric])
+        if not math.isfinite(value):  # divergence is handled by the run itself, not by the pruner
+            return
+        step = trainer.global_step
+        self.trial.report(value, step)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"trial {self.trial.number} pruned at step {step} ({self.metric}={value:.4f})")

@@ -1,0 +1,57 @@
+"""MLflow parent and child runs for studies and ablations.
+
+One parent run per study or ablation, found by its tags (``pcl.kind`` = study|ablation, ``pcl.name``),
+so a re-run of the same command, or another worker, reuses it. Every trial or ablation run is a child
+run: Lightning's MLflow run with the ``mlflow.parentRunId`` tag (``tracking.parent_run_id``).
+"""
+
+from __future__ import annotations
+
+from mlflow.entities import Run, ViewType
+from mlflow.tracking import MlflowClient
+
+from pc_lightning import tracking
+
+
+def _all_experiments(mlflow_client: MlflowClient) -> list[str]:
+    return [e.experiment_id for e in mlflow_client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+
+
+def find_parent(mlflow_client: MlflowClient, kind: str, name: str) -> Run | None:
+    """The oldest parent run of this kind and name in any experiment (oldest wins if two workers raced)."""
+    runs = mlflow_client.search_runs(
+        _all_experiments(mlflow_client),
+        filter_string=f"tags.`pcl.kind` = '{kind}' AND tags.`pcl.name` = '{name}'",
+        order_by=["attributes.start_time ASC"],
+    )
+    return runs[0] if runs else None
+
+
+def find_or_create_parent(mlflow_client: MlflowClient, uri: str, experiment: str, kind: str, name: str,
+                          tags: dict[str, str]) -> str:
+    """Run id of the parent run; created (RUNNING) if none exists, reopened to RUNNING otherwise."""
+    existing = find_parent(mlflow_client, kind, name)
+    if existing is None:
+        experiment_id = tracking.get_or_create_experiment(mlflow_client, experiment, uri)
+        run = mlflow_client.create_run(experiment_id, run_name=f"{kind}-{name}",
+                                       tags={"pcl.kind": kind, "pcl.name": name, **tags})
+        winner = find_parent(mlflow_client, kind, name)
+        if winner is not None and winner.info.run_id != run.info.run_id:  # another worker created one first
+            mlflow_client.delete_run(run.info.run_id)
+            return winner.info.run_id
+        return run.info.run_id
+    if existing.info.status != "RUNNING":
+        mlflow_client.update_run(existing.info.run_id, status="RUNNING")
+    for key, value in tags.items():
+        mlflow_client.set_tag(existing.info.run_id, key, value)
+    return existing.info.run_id
+
+
+def children(mlflow_client: MlflowClient, parent: Run) -> list[Run]:
+    """Child runs of a parent, oldest first."""
+    return mlflow_client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=50000,
+    )

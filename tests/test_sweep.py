@@ -1,0 +1,154 @@
+"""Optuna sweeps: trial budget, nesting in MLflow, pruning, resume after a kill, parallel workers, bad files."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from pc_lightning import tracking
+from pc_lightning.config import ConfigError, TrackingConfig
+from pc_lightning.sweep import runs
+from pc_lightning.sweep.space import load_spec, storage_url
+from pc_lightning.sweep.study import open_study, run_sweep
+from conftest import tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_spec(path: Path, data_cache: str, results_dir: Path, **fields) -> Path:
+    spec = {
+        "study_name": "tiny-lr",
+        "base": str(ROOT / "conf" / "baseline.yaml"),
+        "overrides": tiny_overrides(data_cache, results_dir),
+        "objective": {"metric": "val/loss", "direction": "minimize"},
+        "parameters": {"optim.lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-2, "log": True}},
+        "sampler": {"name": "random", "seed": 0},
+        "pruner": {"name": "none"},
+        "n_trials": 3,
+        "heartbeat": {"interval": 1, "grace_period": 2, "max_retry": 2},
+    }
+    spec.update(fields)
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def mlflow_children(study_name: str):
+    client = tracking.client(tracking.tracking_uri(TrackingConfig()))
+    parent = runs.find_parent(client, "study", study_name)
+    return client, parent, (runs.children(client, parent) if parent else [])
+
+
+def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+
+
+@pytest.mark.parametrize("storage", ["sqlite", "journal"])
+def test_three_trials_nested_under_one_parent_with_pruning(tmp_path, data_cache, results_dir, storage):
+    fields = {"pruner": {"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0}}
+    if storage == "journal":
+        fields["storage"] = str(tmp_path / "optuna.journal")
+    spec_path = write_spec(tmp_path / "sweep.yaml", data_cache, results_dir, **fields)
+    spec = load_spec(spec_path)
+    # a good LR first, then two that barely move the loss: the median pruner stops those at the first validation
+    study = open_study(spec, storage_url(spec))
+    for lr in (1e-2, 1e-4, 1e-4):
+        study.enqueue_trial({"optim.lr": lr})
+
+    assert run_sweep(str(spec_path)) == 0
+
+    study = open_study(spec, storage_url(spec))
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.PRUNED]
+    assert [t.last_step for t in study.trials] == [6, 3, 3]  # reported by optimizer step, not by epoch
+    client, parent, children = mlflow_children("tiny-lr")
+    assert parent.info.status == "FINISHED" or client.get_run(parent.info.run_id).info.status == "FINISHED"
+    assert sorted(c.data.tags["pcl.trial"] for c in children) == ["0", "1", "2"]
+    by_trial = {int(c.data.tags["pcl.trial"]): c for c in children}
+    assert by_trial[0].info.status == "FINISHED"
+    for n in (1, 2):
+        assert by_trial[n].info.status == "KILLED" and by_trial[n].data.tags["status"] == "pruned"
+    parent = client.get_run(parent.info.run_id)
+    assert parent.data.tags["best_trial"] == "0" and "best.optim.lr" in parent.data.tags
+    out = results_dir / "sweeps" / "tiny-lr"
+    assert (out / "summary.md").exists() and (out / "trials.csv").exists() and (out / "optimization_history.png").exists()
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert "report/summary.md" in artifacts
+
+
+def test_diverged_trial_counts_as_worst_value(tmp_path, data_cache, results_dir):
+    spec_path = write_spec(tmp_path / "sweep.yaml", data_cache, results_dir, n_trials=1,
+                           overrides=tiny_overrides(data_cache, results_dir) + ["monitor.divergence_margin=1e-9"])
+    assert run_sweep(str(spec_path), n_trials=1) == 0
+    study = open_study(load_spec(spec_path), storage_url(load_spec(spec_path)))
+    (trial,) = study.trials
+    assert trial.state == TrialState.COMPLETE and trial.user_attrs["diverged"] is True
+    assert trial.value == pytest.approx(__import__("math").log(512))
+
+
+def sweep_subprocess(spec_path: Path, results_dir: Path) -> subprocess.Popen:
+    env = dict(os.environ, PCL_RESULTS_DIR=str(results_dir))
+    return subprocess.Popen([sys.executable, "-m", "pc_lightning.cli", "sweep", str(spec_path)], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_killed_sweep_resumes_without_duplicates(tmp_path, data_cache, results_dir, sig):
+    overrides = tiny_overrides(data_cache, results_dir, **{"trainer.max_steps": 30, "trainer.val_every": 10})
+    spec_path = write_spec(tmp_path / "sweep.yaml", data_cache, results_dir, n_trials=2, overrides=overrides)
+    proc = sweep_subprocess(spec_path, results_dir)
+    deadline = time.monotonic() + 120
+    # kill once the first trial is training: its checkpoint folder is named by its MLflow run id
+    # (polling the databases themselves could race with their creation by the subprocess)
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any((results_dir / "checkpoints" / "tiny-lr-trial0").glob("*/*.ckpt")):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the sweep ended before it could be interrupted"
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+
+    assert run_sweep(str(spec_path)) == 0
+
+    study = open_study(load_spec(spec_path), storage_url(load_spec(spec_path)))
+    assert len(finished(study)) == 2
+    assert [t.state for t in study.trials].count(TrialState.FAIL) == 1  # the interrupted one, replaced
+    _, _, children = mlflow_children("tiny-lr")
+    statuses = sorted(c.data.tags.get("status") for c in children)
+    assert statuses == ["crashed" if sig == signal.SIGKILL else "killed", "finished", "finished"]
+
+
+def test_two_workers_share_one_study(tmp_path, data_cache, results_dir):
+    spec_path = write_spec(tmp_path / "sweep.yaml", data_cache, results_dir, n_trials=4)
+    assert run_sweep(str(spec_path), workers=2) == 0
+    study = open_study(load_spec(spec_path), storage_url(load_spec(spec_path)))
+    assert len(study.trials) == 4 and len(finished(study)) == 4
+    assert len(mlflow_children("tiny-lr")[2]) == 4
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"parameters": {"optim.lrr": {"type": "float", "low": 1e-4, "high": 1e-2}}}, "parameters.optim.lrr"),
+    ({"parameters": {"optim.lr": {"type": "float", "low": 1e-2, "high": 1e-4}}}, "parameters.optim.lr.low"),
+    ({"sampler": {"name": "bayes"}}, "sampler.name"),
+    ({"pruner": {"name": "median", "patience": 3}}, "pruner"),
+    ({"n_trails": 3}, "n_trails"),
+    ({"parameters": {"model.linear": {"type": "categorical", "choices": ["dense", "sparse"]}}},
+     "parameters.model.linear.choices[1]"),
+])
+def test_bad_sweep_file_stops_before_any_trial(tmp_path, data_cache, results_dir, capsys, change, key):
+    from pc_lightning.cli import main
+
+    spec_path = write_spec(tmp_path / "sweep.yaml", data_cache, results_dir, **change)
+    with pytest.raises(ConfigError) as err:
+        run_sweep(str(spec_path))
+    assert err.value.key == key
+    assert main(["sweep", str(spec_path)]) == 2
+    assert f"'{key}'" in capsys.readouterr().err
+    assert not (results_dir / "mlflow.db").exists() and not (results_dir / "optuna.db").exists()

@@ -1,0 +1,296 @@
+"""TSVD layer (Kamali et al., arXiv 2605.28573): orthonormal factors at every forward, the energy rank rule,
+rank changes with optimizer state, and checkpoint/resume across a rank change."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import lightning as L
+import pytest
+import pytorch_optimizer
+import torch
+from mlflow.tracking import MlflowClient
+
+from pc_lightning import tracking
+from pc_lightning.callbacks.ortho_refresh import refresh_all, tsvd_layers
+from pc_lightning.callbacks.rank_adaptation import base_optimizers, remap_state
+from pc_lightning.config import ConfigError, TSVDConfig
+from pc_lightning.layers.energy_rank import energy_rank, next_rank
+from pc_lightning.layers.tsvd_linear import TSVDLinear, orthonormality_error, orthonormalize
+from pc_lightning.train import train
+
+TOL = 1e-4
+
+
+def tsvd_cfg(tiny_cfg, **extra):
+    return tiny_cfg(**{"model.linear": "tsvd", **extra})
+
+
+def matrix_with_spectrum(sigma: torch.Tensor, m: int, n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q1 = torch.linalg.qr(torch.randn(m, len(sigma), generator=g)).Q
+    q2 = torch.linalg.qr(torch.randn(n, len(sigma), generator=g)).Q
+    return q1 @ torch.diag(sigma) @ q2.T
+
+
+# ---------------------------------------------------------------------------------------- energy rule
+def test_energy_rank_on_known_spectrum():
+    s = torch.tensor([4.0, 2.0, 1.0, 1.0])  # energies 16, 4, 1, 1 of 22
+    assert energy_rank(s, 0.70) == 1  # 16/22 = 0.727
+    assert energy_rank(s, 0.90) == 2  # 20/22 = 0.909
+    assert energy_rank(s, 0.95) == 3  # 21/22 = 0.955
+    assert energy_rank(s, 1.00) == 4
+    assert energy_rank(s[[2, 0, 3, 1]], 0.90) == 2  # order and sign do not matter
+    assert energy_rank(-s, 0.90) == 2
+    assert energy_rank(s, 0.70, r_min=2) == 2 and energy_rank(s, 1.0, r_max=3) == 3
+
+
+@pytest.mark.parametrize("m,n", [(48, 32), (32, 48)])
+def test_energy_rank_of_matrices_with_known_spectrum(m, n):
+    sigma = 0.8 ** torch.arange(32, dtype=torch.float32)  # geometric decay, known exactly
+    w = matrix_with_spectrum(sigma, m, n)
+    energy = torch.cumsum(sigma**2, 0) / (sigma**2).sum()
+    for tau in (0.5, 0.9, 0.99):
+        expected = int((energy < tau).sum()) + 1
+        assert energy_rank(torch.linalg.svdvals(w), tau) == expected
+        # a TSVD layer holding W exposes the same spectrum through |s|
+        layer = TSVDLinear(n, m, TSVDConfig(init_rank_fraction=1.0))
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        layer._set_factors(u, s, vh.T)
+        assert energy_rank(layer.s, tau) == expected
+
+
+def test_next_rank_limits_shrink_and_grows_when_all_directions_are_needed():
+    decaying = torch.tensor([10.0] + [0.01] * 19)
+    assert energy_rank(decaying, 0.9) == 1
+    assert next_rank(decaying, 0.9, 1, 40, max_shrink_fraction=0.5, grow_fraction=0.25) == 10  # at most -50%
+    assert next_rank(decaying, 0.9, 12, 40, max_shrink_fraction=0.5, grow_fraction=0.25) == 12  # r_min
+    flat = torch.ones(8)
+    assert next_rank(flat, 0.99, 1, 40, 0.5, 0.25) == 10  # every direction needed: grow by 25%
+    assert next_rank(flat, 0.99, 1, 9, 0.5, 0.25) == 9  # r_max
+    assert next_rank(flat, 0.99, 1, 40, 0.5, 0.0) == 8  # growth off
+
+
+@pytest.mark.parametrize("key,value", [("max_shrink_fraction", 0.0), ("grow_fraction", -1.0), ("ns_steps", 0)])
+def test_new_tsvd_keys_are_validated(tiny_cfg, key, value):
+    with pytest.raises(ConfigError, match=f"model.tsvd.{key}"):
+        tiny_cfg(**{f"model.tsvd.{key}": value})
+
+
+# ---------------------------------------------------------------------------------------- layer
+@pytest.mark.parametrize("m,n", [(64, 32), (32, 64), (48, 48)])
+@pytest.mark.parametrize("from_svd", [True, False])
+def test_effective_weight_is_the_forward_on_identity(m, n, from_svd):
+    layer = TSVDLinear(n, m, TSVDConfig(init_from_svd=from_svd, init_rank_fraction=0.25))
+    assert layer.rank == round(0.25 * min(m, n))
+    assert float(layer.orthonormality_error()) <= TOL
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
+    for _ in range(3):
+        layer(torch.randn(4, n)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        layer.refresh()
+    w = layer.effective_weight()
+    assert w.shape == (m, n) and w.dtype == torch.float32
+    torch.testing.assert_close(layer(torch.eye(n)).T, w, rtol=0, atol=1e-6)
+    # |s| are W's singular values because U and V are orthonormal
+    torch.testing.assert_close(torch.linalg.svdvals(w)[: layer.rank], layer.s.abs().sort(descending=True).values,
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_init_scale_matches_the_dense_init():
+    std, m, n = 0.02, 96, 64
+    dense_rms = std * math.sqrt(max(m, n))  # root-mean-square singular value of a normal(0, std) m x n matrix
+    rand = TSVDLinear(n, m, TSVDConfig(init_from_svd=False))
+    torch.testing.assert_close(rand.s, torch.full_like(rand.s, dense_rms))
+    svd = TSVDLinear(n, m, TSVDConfig(init_from_svd=True, init_rank_fraction=1.0))
+    assert svd.s.pow(2).mean().sqrt().item() == pytest.approx(dense_rms, rel=0.1)
+
+
+def test_gradients_reach_raw_factors_and_newton_schulz_retracts():
+    layer = TSVDLinear(32, 64, TSVDConfig(ortho_method="newton_schulz"))
+    layer(torch.randn(5, 32)).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (layer.U, layer.V, layer.s))
+    with torch.no_grad():
+        layer.U.add_(0.05 * torch.randn_like(layer.U))  # a raw factor a few steps away from orthonormal
+    assert float(orthonormality_error(layer.U)) > 1e-2
+    cached = layer.U_ortho.clone()
+    torch.testing.assert_close(layer.factors()[0], cached)  # the forward still uses the cache
+    layer.refresh()
+    assert float(layer.orthonormality_error()) <= 1e-5
+    torch.testing.assert_close(layer.U, layer.U_ortho)  # written back: the retraction
+    q = orthonormalize(layer.U + 1e-3, "qr")
+    assert torch.all(torch.diagonal(q.T @ (layer.U + 1e-3)) > 0)  # sign-fixed QR stays near its input
+
+
+def test_resize_keeps_top_directions_and_loads_into_a_fresh_layer():
+    layer = TSVDLinear(32, 48, TSVDConfig(init_rank_fraction=0.5))
+    with torch.no_grad():
+        layer.s.copy_(torch.tensor([0.1, -3.0, 0.2, 2.0] + [0.01] * 12))
+    w_before = layer.effective_weight().detach()
+    keep = layer.resize(2)
+    assert layer.rank == 2 and keep.tolist() == [1, 3]
+    assert layer.s.tolist() == pytest.approx([-3.0, 2.0])
+    assert float(layer.orthonormality_error()) <= TOL
+    keep = layer.resize(6)  # growth: new directions with s = 0 leave W unchanged
+    assert layer.rank == 6 and keep.numel() == 2 and float(layer.orthonormality_error()) <= TOL
+    top2 = torch.linalg.svd(w_before)
+    torch.testing.assert_close(layer.effective_weight().detach(),
+                               top2.U[:, :2] @ torch.diag(top2.S[:2]) @ top2.Vh[:2], rtol=0, atol=1e-5)
+    fresh = TSVDLinear(32, 48, TSVDConfig(init_rank_fraction=0.5))
+    fresh.load_state_dict(layer.state_dict())  # strict, though the fresh layer was built at rank 16
+    assert fresh.rank == 6
+    torch.testing.assert_close(fresh.effective_weight(), layer.effective_weight())
+
+
+def test_optimizer_state_is_gathered_or_reset():
+    layer = TSVDLinear(32, 48, TSVDConfig(init_rank_fraction=0.5))
+    adamw = torch.optim.AdamW(layer.parameters(), lr=1e-3)
+    soap = pytorch_optimizer.SOAP([layer.U], lr=1e-3)
+    for opt in (adamw, soap):
+        for _ in range(2):
+            layer(torch.randn(4, 32)).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+    with torch.no_grad():
+        layer.s.copy_(torch.arange(16, dtype=torch.float32))  # |s| ascending: keep = 15, 14, ...
+    old = {k: v.clone() for k, v in adamw.state[layer.U].items()}
+    shape = layer.U.shape
+    keep = layer.resize(4)
+    assert remap_state(adamw, layer.U, shape, keep, 1) == "mapped"
+    assert remap_state(soap, layer.U, shape, keep, 1) == "reset" and not soap.state.get(layer.U)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert adamw.state[layer.U][key].shape == layer.U.shape
+        torch.testing.assert_close(adamw.state[layer.U][key], old[key][:, [15, 14, 13, 12]])
+    assert torch.equal(adamw.state[layer.U]["step"], old["step"])
+    layer(torch.randn(4, 32)).square().sum().backward()
+    soap.step()  # re-initialises its state at the new shape
+
+
+def test_base_optimizers_unwraps_combined():
+    from pc_lightning.optim.combined import CombinedOptimizer
+
+    a, b = torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(2))
+    parts = [torch.optim.Muon([a], lr=1e-2), torch.optim.AdamW([b], lr=1e-2)]
+    assert base_optimizers([CombinedOptimizer(parts)]) == parts
+
+
+# ---------------------------------------------------------------------------------------- training runs
+def applied_error(layer: TSVDLinear) -> float:
+    """Orthonormality error of the U and V the forward applies (not merely of the cache)."""
+    u, _, v = layer.factors()
+    return max(float(orthonormality_error(u)), float(orthonormality_error(v)))
+
+
+class OrthoChecker(L.Callback):
+    """Records ‖UᵀU − I‖∞, ‖VᵀV − I‖∞ of every TSVD layer at every forward and after every optimizer step,
+    and that every optimizer state tensor keeps its parameter's shape."""
+
+    def __init__(self):
+        self.forward_errors: list[float] = []
+        self.step_errors: list[float] = []
+        self.ranks: list[dict[str, int]] = []
+        self.losses: list[float] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        for _, layer in tsvd_layers(pl_module.model):
+            layer.register_forward_pre_hook(lambda mod, args: self.forward_errors.append(applied_error(mod)))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        layers = tsvd_layers(pl_module.model)
+        self.step_errors.append(max(applied_error(layer) for _, layer in layers))
+        self.ranks.append({name: layer.rank for name, layer in layers})
+        self.losses.append(float(outputs["loss"]))
+        for opt in base_optimizers(trainer.optimizers):
+            for param, state in opt.state.items():
+                for value in state.values():
+                    if torch.is_tensor(value) and value.ndim > 0:
+                        assert value.shape == param.shape
+
+
+@pytest.mark.parametrize("optim", ["adamw", "muon"])
+@pytest.mark.parametrize("ortho,every", [("qr", 1), ("newton_schulz", 2)])
+def test_factors_orthonormal_at_every_forward_and_step(tiny_cfg, optim, ortho, every):
+    checker = OrthoChecker()
+    cfg = tsvd_cfg(tiny_cfg, **{"optim.name": optim, "model.tsvd.ortho_method": ortho,
+                                "model.tsvd.refresh_every": every, "model.tsvd.rank_check_every": 0})
+    result = train(cfg, extra_callbacks=[checker], quiet=True)
+    assert result.status == "finished" and result.step == 6
+    assert len(checker.forward_errors) >= 6 * 14  # 2 blocks x 7 matrices, every training forward
+    assert max(checker.forward_errors) <= TOL and max(checker.step_errors) <= TOL
+    assert result.metrics["tsvd/ortho_error"] <= TOL
+
+
+def test_rank_change_mid_run_keeps_training_and_is_logged(tiny_cfg):
+    checker = OrthoChecker()
+    cfg = tsvd_cfg(tiny_cfg, **{"optim.name": "muon", "model.tsvd.rank_check_every": 2,
+                                "model.tsvd.energy_threshold": 0.5, "trainer.max_steps": 8})
+    result = train(cfg, extra_callbacks=[checker], quiet=True)
+    assert result.status == "finished" and result.step == 8
+    assert all(math.isfinite(x) for x in checker.losses)
+    first, last = checker.ranks[0], checker.ranks[-1]
+    assert all(last[name] < first[name] for name in first)  # tau = 0.5 shrinks every layer
+    assert max(checker.forward_errors) <= TOL
+    run = MlflowClient(tracking.tracking_uri(tracking.TrackingConfig())).get_run(result.run_id)
+    assert run.data.metrics["tsvd/rank/blocks.0.attn.q"] == last["blocks.0.attn.q"]
+    history = MlflowClient(tracking.tracking_uri(tracking.TrackingConfig())).get_metric_history(
+        result.run_id, "tsvd/parameters")
+    assert history[-1].value < history[0].value
+
+
+class StopAt(L.Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def test_resume_across_rank_change_matches_uninterrupted_run(tiny_cfg):
+    steps = {"trainer.max_steps": 8, "trainer.checkpoint_every": 4, "trainer.val_every": 4,
+             "model.tsvd.rank_check_every": 2, "model.tsvd.energy_threshold": 0.6}
+    straight = train(tsvd_cfg(tiny_cfg, name="tsvd-straight", **steps), quiet=True)
+    first = train(tsvd_cfg(tiny_cfg, name="tsvd-split", **steps), extra_callbacks=[StopAt(4)], quiet=True)
+    assert first.step == 4
+    checker = OrthoChecker()
+    resumed = train(tsvd_cfg(tiny_cfg, name="tsvd-split", **steps), resume="last", extra_callbacks=[checker],
+                    quiet=True)
+    assert resumed.status == "finished" and resumed.step == 8
+    a = torch.load(os.path.join(straight.checkpoint_dir, "last.ckpt"), map_location="cpu", weights_only=False)
+    b = torch.load(os.path.join(resumed.checkpoint_dir, "last.ckpt"), map_location="cpu", weights_only=False)
+    assert a["state_dict"]["model.blocks.0.attn.q.s"].numel() < 16  # the rank did change
+    for key, value in a["state_dict"].items():
+        assert value.shape == b["state_dict"][key].shape, key
+        torch.testing.assert_close(value, b["state_dict"][key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_refresh_all_reports_error(tiny_cfg):
+    from pc_lightning.model import Llama
+
+    cfg = tsvd_cfg(tiny_cfg)
+    cfg.model.vocab_size = 512
+    model = Llama(cfg.model)
+    assert len(tsvd_layers(model)) == 2 * 7
+    with torch.no_grad():
+        for _, layer in tsvd_layers(model):
+            layer.V.add_(0.1 * torch.randn_like(layer.V))
+    assert refresh_all(model, "newton_schulz") <= 1e-5
+
+
+def test_rank_changed_checkpoint_converts_to_dense(tiny_cfg):
+    from pc_lightning.merge import merge_model
+    from pc_lightning.model import Llama, count_parameters
+    from pc_lightning.modules.pretrain import PretrainModule
+
+    cfg = tsvd_cfg(tiny_cfg, **{"model.tsvd.rank_check_every": 2, "model.tsvd.energy_threshold": 0.5,
+                                "trainer.max_steps": 4})
+    result = train(cfg, quiet=True)
+    module = PretrainModule.load_from_checkpoint(os.path.join(result.checkpoint_dir, "last.ckpt"),
+                                                 map_location="cpu")  # fresh model at init rank, then resized
+    assert module.model.blocks[0].attn.q.rank < 16
+    dense = merge_model(module.model)  # raises if merged logits differ by more than 1e-5 (relative)
+    dense_cfg = module.cfg.model
+    dense_cfg.linear = "dense"
+    assert count_parameters(dense) == count_parameters(Llama(dense_cfg))

@@ -529,6 +529,9 @@ def validate(cfg: ExperimentConfig) -> None:
         _require(m.z_loss == 0, "model.z_loss",
                  "the Gauss-Newton model uses the cross-entropy Hessian only; set z_loss to 0 with optim.name=gn*")
         _require(not m.compile, "model.compile", "the Gauss-Newton path (torch.func jvp/vjp) runs eagerly")
+        # PC layers forward a per-step cached W_eff (PCStep) and TSVD layers cached factors through a custom
+        # autograd.Function without a jvp rule: neither sees the parameters torch.func substitutes.
+        _require(m.linear == "dense", "model.linear", "Gauss-Newton supports dense layers only for now")
 
     sp = cfg.monitor.spike
     _require(sp.window >= 2, "monitor.spike.window", "must be >= 2")

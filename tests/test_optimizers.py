@@ -133,6 +133,9 @@ def test_gauss_newton_budget_counts_every_batch_of_an_outer_step(tiny_cfg):
     with pytest.raises(ConfigError) as err:
         tiny_cfg(**{"optim.name": "gn", "model.z_loss": 1e-4})
     assert err.value.key == "model.z_loss"
+    with pytest.raises(ConfigError) as err:
+        tiny_cfg(**{"optim.name": "gn_layerwise", "model.linear": "tsvd"})
+    assert err.value.key == "model.linear"
 
 
 class StopAt(L.Callback):
@@ -148,6 +151,7 @@ def last_checkpoint(checkpoint_dir: str) -> dict:
     return torch.load(os.path.join(checkpoint_dir, "last.ckpt"), map_location="cpu", weights_only=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["adamw", "muon", "soap", "gn"])
 def test_resume_restores_optimizer_state(tiny_cfg, name):
     """4 steps, resume to 6 == 6 straight steps: parameters equal, so every optimizer state came back."""

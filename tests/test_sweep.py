@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -69,7 +70,7 @@ def test_three_trials_nested_under_one_parent_with_pruning(tmp_path, data_cache,
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.PRUNED]
     assert [t.last_step for t in study.trials] == [6, 3, 3]  # reported by optimizer step, not by epoch
     client, parent, children = mlflow_children("tiny-lr")
-    assert parent.info.status == "FINISHED" or client.get_run(parent.info.run_id).info.status == "FINISHED"
+    assert parent.info.status == "FINISHED"
     assert sorted(c.data.tags["pcl.trial"] for c in children) == ["0", "1", "2"]
     by_trial = {int(c.data.tags["pcl.trial"]): c for c in children}
     assert by_trial[0].info.status == "FINISHED"
@@ -90,7 +91,7 @@ def test_diverged_trial_counts_as_worst_value(tmp_path, data_cache, results_dir)
     study = open_study(load_spec(spec_path), storage_url(load_spec(spec_path)))
     (trial,) = study.trials
     assert trial.state == TrialState.COMPLETE and trial.user_attrs["diverged"] is True
-    assert trial.value == pytest.approx(__import__("math").log(512))
+    assert trial.value == pytest.approx(math.log(512))  # ln(vocab): the loss at initialisation
 
 
 def sweep_subprocess(spec_path: Path, results_dir: Path) -> subprocess.Popen:
@@ -99,7 +100,7 @@ def sweep_subprocess(spec_path: Path, results_dir: Path) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_killed_sweep_resumes_without_duplicates(tmp_path, data_cache, results_dir, sig):
     overrides = tiny_overrides(data_cache, results_dir, **{"trainer.max_steps": 30, "trainer.val_every": 10})
     spec_path = write_spec(tmp_path / "sweep.yaml", data_cache, results_dir, n_trials=2, overrides=overrides)
@@ -122,9 +123,10 @@ def test_killed_sweep_resumes_without_duplicates(tmp_path, data_cache, results_d
     assert [t.state for t in study.trials].count(TrialState.FAIL) == 1  # the interrupted one, replaced
     _, _, children = mlflow_children("tiny-lr")
     statuses = sorted(c.data.tags.get("status") for c in children)
-    assert statuses == ["crashed" if sig == signal.SIGKILL else "killed", "finished", "finished"]
+    assert statuses == sorted(["crashed" if sig == signal.SIGKILL else "killed", "finished", "finished"])
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_study(tmp_path, data_cache, results_dir):
     spec_path = write_spec(tmp_path / "sweep.yaml", data_cache, results_dir, n_trials=4)
     assert run_sweep(str(spec_path), workers=2) == 0
@@ -139,12 +141,15 @@ def test_two_workers_share_one_study(tmp_path, data_cache, results_dir):
     ({"sampler": {"name": "bayes"}}, "sampler.name"),
     ({"pruner": {"name": "median", "patience": 3}}, "pruner"),
     ({"n_trails": 3}, "n_trails"),
+    ({"overrides": ["trainer.devices=2"]}, "trainer.devices"),  # a trial runs on one device
     ({"parameters": {"model.linear": {"type": "categorical", "choices": ["dense", "sparse"]}}},
      "parameters.model.linear.choices[1]"),
 ])
 def test_bad_sweep_file_stops_before_any_trial(tmp_path, data_cache, results_dir, capsys, change, key):
     from pc_lightning.cli import main
 
+    if "overrides" in change:
+        change = {"overrides": tiny_overrides(data_cache, results_dir) + change["overrides"]}
     spec_path = write_spec(tmp_path / "sweep.yaml", data_cache, results_dir, **change)
     with pytest.raises(ConfigError) as err:
         run_sweep(str(spec_path))

@@ -1,7 +1,7 @@
 """Merge the trained PC (or TSVD) model into a plain dense checkpoint when training ends.
 
-W_plain = γ·σ̂·g(W/σ̂) per PC matrix (Wang et al., arXiv 2606.06470), via :func:`pc_lightning.merge.merge_module`:
-``<checkpoint dir>/merged/merged.ckpt`` and, where the architecture maps, the Hugging Face export in ``merged/hf``.
+W_plain = γ·σ̂·g(W/σ̂) per PC matrix (Wang et al., arXiv 2606.06470), via
+:func:`pc_lightning.merge.merge_module`: ``<checkpoint dir>/merged/merged.ckpt`` and, where the architecture maps, the Hugging Face export in ``merged/hf``.
 Switched on by ``model.pc.merge_on_end``; the merged directory is recorded as the MLflow tag ``pcl.merged_dir``.
 """
 

@@ -16,6 +16,7 @@ so the chain rule through f needs to run once per step, after the micro-batches'
    ``Precision._after_closure`` in lightning/pytorch/plugins/precision/precision.py): backpropagate the leaves'
    gradients through the kept graph into ``weight`` and ``gamma`` (added to their ``.grad``), then drop the cache,
    so the optimizer step, validation and the next step see fresh weights.
+4. Validation computes W_eff once per validation run (no graph) and drops it afterwards.
 
 Under DDP the leaves' gradients are averaged over ranks before step 3 (the leaves are not parameters, so DDP does
 not reduce them); the PC parameters get no gradient inside the forward, so DDP needs
@@ -40,31 +41,44 @@ def pc_layers(model: nn.Module) -> list[PCLinear]:
 
 
 class PCStep(L.Callback):
-    def __init__(self, bf16_matmuls: bool = True):
+    def __init__(self, bf16_matmuls: bool = True, layers: list[PCLinear] | None = None):
         self.bf16_matmuls = bf16_matmuls
-        self._layers: list[PCLinear] = []
+        self._layers: list[PCLinear] = layers or []
         self._outputs: list[torch.Tensor] | None = None  # W_eff with its graph to weight and gamma
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if "16-mixed" == str(trainer.precision):
+        if str(trainer.precision) == "16-mixed":
             raise ValueError("PCStep does not support fp16 loss scaling (precision 16-mixed); use bf16-mixed")
         self._layers = pc_layers(pl_module)
 
-    def _autocast(self, trainer: L.Trainer, device: torch.device):
-        if self.bf16_matmuls and str(trainer.precision) == "bf16-mixed":
-            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        self.begin_step(bf16=str(trainer.precision) == "bf16-mixed")
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        self.end_step()
+
+    def _matmul_precision(self, bf16: bool):
+        """bf16 autocast for the polynomial's matmuls (the normaliser opts out of it), or nothing."""
+        if bf16 and self.bf16_matmuls:
+            return torch.autocast(device_type=self._layers[0].weight.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
-        if self._outputs is not None or not self._layers:  # already built for this optimizer step
+    # The two halves of the design, usable without a Trainer (bench/layers.py calls them around its own loop).
+    def begin_step(self, bf16: bool = False) -> None:
+        """Power iteration + every W_eff (batched by shape); each layer gets a detached leaf to forward with.
+
+        Does nothing when this optimizer step's W_eff is already built (later micro-batches).
+        """
+        if self._outputs is not None or not self._layers:
             return
         power_iteration(self._layers)
-        with torch.enable_grad(), self._autocast(trainer, self._layers[0].weight.device):
+        with torch.enable_grad(), self._matmul_precision(bf16):
             self._outputs = effective_weights(self._layers)
         for layer, w_eff in zip(self._layers, self._outputs):
             layer.step_weight = w_eff.detach().requires_grad_()
 
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+    def end_step(self) -> None:
+        """Backpropagate the accumulated ∂L/∂W_eff into weight and gamma once, then drop the cache."""
         if self._outputs is None:
             return
         grads = [layer.step_weight.grad if layer.step_weight.grad is not None
@@ -73,10 +87,21 @@ class PCStep(L.Callback):
             flat = torch.cat([g.reshape(-1) for g in grads])
             dist.all_reduce(flat)
             flat /= dist.get_world_size()
-            grads = list(flat.split([g.numel() for g in grads]))
-            grads = [g.view_as(w) for g, w in zip(grads, self._outputs)]
+            grads = [g.view_as(w) for g, w in zip(flat.split([w.numel() for w in self._outputs]), self._outputs)]
         torch.autograd.backward(self._outputs, grads)
         self.release()
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Validation weights do not change: compute W_eff once (no graph) instead of in every forward."""
+        if self._outputs is not None or not self._layers:
+            return
+        with torch.no_grad(), self._matmul_precision(str(trainer.precision) == "bf16-mixed"):
+            for layer, w_eff in zip(self._layers, effective_weights(self._layers)):
+                layer.step_weight = w_eff
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._outputs is None:
+            self.release()
 
     def release(self) -> None:
         """Drop the cached W_eff (the layers fall back to computing W_eff in their forward)."""

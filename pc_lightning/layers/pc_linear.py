@@ -62,7 +62,7 @@ class PCLinear(nn.Module):
         power_iteration([self], INIT_POWER_ITERS)
 
     def effective_weight(self) -> torch.Tensor:
-        """W_eff (out, in) in fp32 (fp64 for an fp64 layer), from the current u, v: what merge/export and the monitors read."""
+        """W_eff (out, in) in fp32 (fp64 for an fp64 layer) from the current u, v; what merge and monitors read."""
         return effective_weights([self])[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,7 +108,10 @@ def power_iteration(layers: Sequence[PCLinear], steps: int | None = None) -> Non
 
 
 def effective_weights(layers: Sequence[PCLinear]) -> list[torch.Tensor]:
-    """W_eff (fp32, fp64 for fp64 weights) of every layer, differentiable w.r.t. weight and γ; one batched polynomial per shape."""
+    """W_eff (fp32; fp64 for fp64 weights) of every layer, differentiable w.r.t. weight and γ.
+
+    One batched normaliser and polynomial per group of same-shape layers.
+    """
     out: list[torch.Tensor | None] = [None] * len(layers)
     for idx in group_by_shape(layers):
         group = [layers[i] for i in idx]

@@ -119,7 +119,7 @@ class TSVDLinear(nn.Module):
         self.s = nn.Parameter(torch.empty(r))
         self.register_buffer("U_ortho", torch.empty(out_features, r))
         self.register_buffer("V_ortho", torch.empty(in_features, r))
-        self.init_weights(0.02)
+        self._random_init(0.02)  # cheap placeholder: the model calls init_weights(std) (an SVD) next
 
     @property
     def rank(self) -> int:
@@ -131,16 +131,20 @@ class TSVDLinear(nn.Module):
     # ------------------------------------------------------------------ init / refresh
     @torch.no_grad()
     def init_weights(self, std: float) -> None:
+        if not self.cfg.init_from_svd:
+            self._random_init(std)
+            return
         m, n, r = self.out_features, self.in_features, self.rank
-        device = self.U.device
-        if self.cfg.init_from_svd:
-            u, s, vh = torch.linalg.svd(torch.randn(m, n, device=device) * std, full_matrices=False)
-            u, s, v = u[:, :r], s[:r], vh[:r].T
-        else:
-            u = orthonormalize(torch.randn(m, r, device=device), "qr")
-            v = orthonormalize(torch.randn(n, r, device=device), "qr")
-            s = torch.full((r,), std * math.sqrt(max(m, n)), device=device)
-        self._set_factors(u, s, v)
+        u, s, vh = torch.linalg.svd(torch.randn(m, n, device=self.U.device) * std, full_matrices=False)
+        self._set_factors(u[:, :r], s[:r], vh[:r].T)
+
+    @torch.no_grad()
+    def _random_init(self, std: float) -> None:
+        """Random orthonormal U, V; every s_i = std·sqrt(max(m, n)), the dense init's RMS singular value."""
+        m, n, r, device = self.out_features, self.in_features, self.rank, self.U.device
+        u = orthonormalize(torch.randn(m, r, device=device), "qr")
+        v = orthonormalize(torch.randn(n, r, device=device), "qr")
+        self._set_factors(u, torch.full((r,), std * math.sqrt(max(m, n)), device=device), v)
 
     @torch.no_grad()
     def _set_factors(self, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> None:

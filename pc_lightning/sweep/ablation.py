@@ -5,8 +5,12 @@ An ablation file (``conf/ablation/*.yaml``)::
     name: quick
     base: conf/baseline.yaml          # experiment config every run starts from
     overrides: [trainer.max_steps=150] # budget etc., applied to every run
-    variants:  {baseline: [], qk_norm: [model.attn_norm=qk_norm]}
-    optimizers: {adamw: [], muon: [optim.name=muon]}
+    variants:  {baseline: [], qk_norm: [variant/qk_norm], softcap: [model.attn_softcap=50.0]}
+    optimizers: {adamw: [], muon: [optim/muon]}
+
+Each list holds ``key.path=value`` overrides or preset names under ``conf/`` (see
+:func:`pc_lightning.sweep.space.compose_config`), applied in the order overrides, variant, optimizer, lr,
+seed, command-line overrides.
     seeds: [1337]
     lrs: [3.0e-3]                      # empty = the config's optim.lr
 
@@ -29,9 +33,9 @@ from pathlib import Path
 import yaml
 
 from pc_lightning import tracking
-from pc_lightning.config import ConfigError, ExperimentConfig, _build, load_config
+from pc_lightning.config import ConfigError, ExperimentConfig, _build
 from pc_lightning.sweep import runs
-from pc_lightning.sweep.space import resolve_relative
+from pc_lightning.sweep.space import compose_config, resolve_relative
 
 
 @dataclass
@@ -95,7 +99,7 @@ def run_config(spec: AblationSpec, combo: Combination, overrides: list[str], par
     if combo.lr is not None:
         items.append(f"optim.lr={combo.lr}")
     items += [f"trainer.seed={combo.seed}", *overrides]
-    cfg = load_config(spec.base, items)
+    cfg = compose_config(spec.base, items)
     cfg.name = f"{spec.name}-{combo.slug}"
     cfg.tracking.run_name = combo.slug
     cfg.tracking.parent_run_id = parent_id
@@ -144,7 +148,7 @@ def run_ablation(spec_path: str, overrides: list[str] | None = None) -> int:
     for combo in grid:  # every combination is a valid config before anything runs
         run_config(spec, combo, overrides, None)
 
-    base = load_config(spec.base, list(spec.overrides) + overrides)
+    base = compose_config(spec.base, list(spec.overrides) + overrides)
     uri = tracking.tracking_uri(base.tracking)
     mlflow_client = tracking.client(uri)
     parent_id = runs.find_or_create_parent(mlflow_client, uri, base.tracking.experiment, "ablation", spec.name, {
@@ -163,7 +167,7 @@ def run_ablation(spec_path: str, overrides: list[str] | None = None) -> int:
             result = train(cfg, quiet=True)
             print(f"[{i}/{len(todo)}] {combo.key}: {result.status}, val/loss="
                   f"{result.metrics.get('val/loss', float('nan')):.4f} ({time.time() - started:.0f}s)")
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (Lightning raises SIGTERMException)
             mlflow_client.set_terminated(parent_id, "KILLED")
             print(f"pcl: ablation '{spec.name}' interrupted; run the same command to resume", file=sys.stderr)
             return 130

@@ -6,8 +6,9 @@ validates every ``trainer.val_every`` optimizer steps, so the pruner would see o
 best. Here each validation reports ``(value, trainer.global_step)``, so the median/Hyperband pruners
 compare trials at the same number of optimizer steps (DESIGN.md section 7).
 
-Under DDP only rank 0 holds the trial: wrap it in ``optuna.integration.TorchDistributedTrial`` on every
-rank so ``should_prune()`` is broadcast and all ranks stop together (see the README).
+A trial runs on one device (``pcl sweep`` refuses multi-GPU trials, see :mod:`pc_lightning.sweep.study`):
+under DDP every rank would have to hold the same trial, e.g. ``optuna.integration.TorchDistributedTrial``,
+so that ``should_prune()`` is broadcast and all ranks stop together.
 """
 
 from __future__ import annotations

@@ -48,9 +48,9 @@ def find_or_create_parent(mlflow_client: MlflowClient, uri: str, experiment: str
 
 
 def children(mlflow_client: MlflowClient, parent: Run) -> list[Run]:
-    """Child runs of a parent, oldest first."""
+    """Child runs of a parent, oldest first (in any experiment: a variant may set tracking.experiment)."""
     return mlflow_client.search_runs(
-        [parent.info.experiment_id],
+        _all_experiments(mlflow_client),
         filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
         order_by=["attributes.start_time ASC"],
         max_results=50000,

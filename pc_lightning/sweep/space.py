@@ -10,7 +10,7 @@ Example::
 
     study_name: pc_degree_lr
     base: conf/baseline.yaml
-    overrides: [model.linear=pc, trainer.max_steps=200]
+    overrides: [variant/pc, trainer.max_steps=200]   # presets under conf/ or key.path=value
     objective: {metric: val/loss, direction: minimize}
     parameters:
       model.pc.level: {type: int, low: 1, high: 4}
@@ -33,7 +33,8 @@ from typing import Any, Literal, Optional
 import yaml
 
 from pc_lightning import tracking
-from pc_lightning.config import ConfigError, ExperimentConfig, _build, _coerce, load_config
+from pc_lightning.config import (ConfigError, ExperimentConfig, _build, _coerce, deep_merge, find_conf_root, from_dict,
+                                 load_yaml_with_defaults, parse_override, set_dotted)
 
 # _build/_coerce are the config module's strict mapping -> dataclass builders; reusing them gives sweep
 # files the same one-line "config error at '<key>'" messages as experiment files.
@@ -84,7 +85,7 @@ class SweepSpec:
     study_name: str
     base: str
     parameters: dict[str, ParamSpec]
-    overrides: list[str] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)  # key.path=value or preset names (see compose_config)
     objective: ObjectiveSpec = field(default_factory=ObjectiveSpec)
     sampler: SamplerSpec = field(default_factory=SamplerSpec)
     pruner: PrunerSpec = field(default_factory=PrunerSpec)
@@ -92,10 +93,6 @@ class SweepSpec:
     timeout: Optional[float] = None  # seconds for this command (each worker), None = no limit
     storage: Optional[str] = None  # None = sqlite:///<results>/optuna.db; *.log / *.journal = journal file
     heartbeat: HeartbeatSpec = field(default_factory=HeartbeatSpec)
-
-    @property
-    def base_path(self) -> Path:
-        return Path(self.base)
 
 
 def resolve_relative(path: str, spec_file: Path) -> Path:
@@ -108,6 +105,25 @@ def resolve_relative(path: str, spec_file: Path) -> Path:
             return (root / p).resolve()
     raise ConfigError("base", f"config file not found: {path} (looked in the current directory and above "
                               f"{spec_file})")
+
+
+def compose_config(base: str | Path, items: list[str]) -> ExperimentConfig:
+    """The base experiment config with ``items`` applied in order and validated.
+
+    An item ``key.path=value`` is a dotted override; an item without '=' names a preset under the base
+    file's ``conf/`` root (e.g. ``variant/qk_norm``, ``optim/muon``), merged like a ``defaults:`` entry.
+    """
+    data = load_yaml_with_defaults(base)
+    root = find_conf_root(Path(base))
+    for item in items:
+        if "=" in item:
+            set_dotted(data, *parse_override(item))
+            continue
+        preset = root / f"{item}.yaml"
+        if not preset.exists():
+            raise ConfigError(item, f"neither key.path=value nor a preset (looked for {preset})")
+        data = deep_merge(data, load_yaml_with_defaults(preset))
+    return from_dict(data)
 
 
 def default_storage() -> str:
@@ -213,7 +229,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> SweepSpec
     if spec.objective.diverged_value is None and not spec.objective.metric.endswith(("loss", "ppl")):
         raise ConfigError("objective.diverged_value", f"set the value a diverged trial counts as for "
                                                       f"metric '{spec.objective.metric}'")
-    load_config(spec.base, list(spec.overrides) + list(overrides or []))
+    compose_config(spec.base, list(spec.overrides) + list(overrides or []))
     return spec
 
 

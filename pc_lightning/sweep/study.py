@@ -9,7 +9,7 @@ Each trial is one :func:`pc_lightning.train.train` run, nested under the study's
   workers before exiting. So an interrupted study resumes where it stopped, and no trial is run twice.
 * **Crashes are retried.** RDB storages (SQLite, PostgreSQL, ...) record a heartbeat every
   ``heartbeat.interval`` seconds; a trial silent for ``heartbeat.grace_period`` seconds (its worker was
-  killed) is failed and re-queued with the same parameters by ``RetryFailedTrialCallback``; its MLflow run
+  killed) is failed and re-queued with the same parameters by ``RetryHeartbeatStaleTrialCallback``; its MLflow run
   is closed as FAILED with tag ``status=crashed``. A Ctrl-C'd trial ends FAIL (MLflow: KILLED) and a new
   trial replaces it. Optuna 5's journal storage has no heartbeat: there a killed trial stays RUNNING and is
   not counted, so several workers on a journal file may run up to workers-1 extra trials.
@@ -21,8 +21,10 @@ Each trial is one :func:`pc_lightning.train.train` run, nested under the study's
 
 ``--workers N`` starts N ``pcl sweep`` worker processes on this machine sharing the storage; other machines
 join by running the same command with the same ``--storage`` URL (PostgreSQL, or a journal file on a shared
-disk) and ``tracking.tracking_uri``. Multi-GPU trials use Lightning's ddp/fsdp strategies inside ``train``;
-only rank 0 talks to Optuna (see the README for TorchDistributedTrial, torchrun and SLURM).
+disk) and ``tracking.tracking_uri``. A trial runs on one device: with several GPUs, run one worker per GPU.
+Multi-GPU (DDP) trials are refused: Lightning's launcher re-runs the command on every rank, and each rank
+would ask Optuna for a trial of its own; they would need rank 0's trial shared with all ranks through
+``optuna.integration.TorchDistributedTrial``, which ``pcl sweep`` does not wire up.
 """
 
 from __future__ import annotations
@@ -39,10 +41,12 @@ import optuna
 from optuna.trial import TrialState
 
 from pc_lightning import tracking
-from pc_lightning.config import ConfigError, ExperimentConfig, load_config
+from pc_lightning.config import ConfigError, ExperimentConfig
 from pc_lightning.sweep import runs
 from pc_lightning.sweep.pruning import OptunaPruning
-from pc_lightning.sweep.space import SweepSpec, build_pruner, build_sampler, is_journal, load_spec, storage_url, suggest
+from pc_lightning.train import train, world_size
+from pc_lightning.sweep.space import (SweepSpec, build_pruner, build_sampler, compose_config, is_journal, load_spec,
+                                      storage_url, suggest)
 
 # Heartbeats, fail_stale_trials and the retry callback are still marked experimental in Optuna 5.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -64,7 +68,7 @@ def open_storage(url: str, spec: SweepSpec) -> optuna.storages.BaseStorage:
     hb = spec.heartbeat
     return optuna.storages.RDBStorage(
         url, engine_kwargs=engine_kwargs, heartbeat_interval=hb.interval, grace_period=hb.grace_period,
-        heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=hb.max_retry))
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=hb.max_retry))
 
 
 def open_study(spec: SweepSpec, url: str, worker: int = 0) -> optuna.Study:
@@ -83,7 +87,7 @@ def diverged_value(spec: SweepSpec, cfg: ExperimentConfig) -> float:
 
 
 def trial_config(spec: SweepSpec, overrides: list[str], trial: optuna.trial.BaseTrial, parent_id: str) -> ExperimentConfig:
-    cfg = load_config(spec.base, list(spec.overrides) + list(overrides) + suggest(trial, spec))
+    cfg = compose_config(spec.base, list(spec.overrides) + list(overrides) + suggest(trial, spec))
     cfg.name = f"{spec.study_name}-trial{trial.number}"
     cfg.tracking.parent_run_id = parent_id
     cfg.tracking.run_name = f"trial-{trial.number}"
@@ -102,11 +106,9 @@ def close_crashed_runs(mlflow_client, parent_id: str, trial_number: int) -> None
 
 
 def make_objective(spec: SweepSpec, overrides: list[str], parent_id: str, mlflow_client):
-    from pc_lightning.train import train
-
     def objective(trial: optuna.Trial) -> float:
         frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
-        retried_from = optuna.storages.RetryFailedTrialCallback.retried_trial_number(frozen)
+        retried_from = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
         if retried_from is not None:
             close_crashed_runs(mlflow_client, parent_id, retried_from)
         cfg = trial_config(spec, overrides, trial, parent_id)
@@ -154,7 +156,7 @@ def work(study: optuna.Study, spec: SweepSpec, n_trials: int, objective, timeout
         if counts[TrialState.WAITING] == 0 and finished + running >= n_trials:
             time.sleep(spec.heartbeat.interval)  # the last trials run elsewhere (or wait to be found stale)
             continue
-        study.optimize(objective, n_trials=1, catch=(ConfigError,))
+        study.optimize(objective, n_trials=1)  # an error fails the trial and stops this command
 
 
 def spawn_workers(spec_path: str, workers: int, n_trials: int, url: str, overrides: list[str]) -> int:
@@ -179,13 +181,21 @@ def run_sweep(spec_path: str, workers: int = 1, n_trials: int | None = None, sto
     if workers < 1:
         raise ConfigError("--workers", "must be >= 1")
 
+    base = compose_config(spec.base, list(spec.overrides) + overrides)
+    if world_size(base) > 1:
+        # Lightning's DDP launcher re-runs this command on every rank and each would ask Optuna for its own
+        # trial; multi-GPU trials need one trial shared by all ranks (TorchDistributedTrial), not wired here.
+        raise ConfigError("trainer.devices", f"a sweep trial runs on one device, this config asks for "
+                                             f"{world_size(base)}; run one worker per GPU "
+                                             "(CUDA_VISIBLE_DEVICES=i pcl sweep ... trainer.devices=1)")
+
     study = open_study(spec, url, worker)
-    base = load_config(spec.base, list(spec.overrides) + overrides)
     uri = tracking.tracking_uri(base.tracking)
     mlflow_client = tracking.client(uri)
     parent_id = runs.find_or_create_parent(
         mlflow_client, uri, base.tracking.experiment, "study", spec.study_name,
-        {"pcl.study": spec.study_name, "pcl.storage": url, "pcl.metric": spec.objective.metric, "pcl.spec": str(Path(spec_path).resolve())})
+        {"pcl.study": spec.study_name, "pcl.storage": url, "pcl.metric": spec.objective.metric,
+         "pcl.spec": str(Path(spec_path).resolve())})
 
     rc = 0
     try:
@@ -194,7 +204,7 @@ def run_sweep(spec_path: str, workers: int = 1, n_trials: int | None = None, sto
         else:
             objective = make_objective(spec, overrides, parent_id, mlflow_client)
             work(study, spec, n_total, objective, spec.timeout, heartbeat=not is_journal(url))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (Lightning raises SIGTERMException)
         if not is_worker_process:
             mlflow_client.set_terminated(parent_id, "KILLED")
         print(f"pcl: sweep '{spec.study_name}' interrupted; run the same command to resume", file=sys.stderr)

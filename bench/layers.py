@@ -1,0 +1,157 @@
+"""Training throughput of the linear kinds: dense vs PC (level 4, FFN + attention out) vs TSVD (rank fractions).
+
+Each variant runs the same training step (forward, next-token cross-entropy, backward, AdamW step) on the same
+random batches in one process, eager and ``torch.compile``d, with its per-step machinery included the way
+training runs it:
+
+* PC (Wang et al., arXiv 2606.06470): W_eff = γ·σ̂·g(W/σ̂) once per optimizer step through
+  :class:`pc_lightning.callbacks.pc_step.PCStep` (``begin_step`` before the first micro-batch, ``end_step``
+  after the last backward), batched by shape; bf16 polynomial matmuls on CUDA;
+* TSVD (Kamali et al., arXiv 2605.28573): built through the config (``model.linear=tsvd``), with the cached
+  orthonormal factors refreshed after every optimizer step (``refresh_all``, as the OrthoRefresh callback does).
+
+Reported as tokens/s and as ratios to dense measured in the same run, plus parameter counts and the time to
+merge the model into a dense one (:func:`pc_lightning.merge.merge_model`, fp32, CPU). CPU: the ``tiny`` preset
+shape. CUDA: ~134M (d 768, 12 layers, 12 heads, FFN 2048, vocab 32000, batch 16 x 1024, bf16 autocast,
+fused AdamW); DESIGN.md section 8 has the H100 reference figures.
+
+    python bench/layers.py [--steps N] [--accum 1] [--no-compile] [--out results/bench/layers.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pc_lightning.callbacks.pc_step import PCStep, pc_layers
+from pc_lightning.config import ModelConfig, PCConfig, TSVDConfig
+from pc_lightning.merge import merge_model
+from pc_lightning.model import Llama, count_parameters
+
+CPU_SHAPE = dict(d_model=128, n_layers=4, n_heads=4, d_ff=384, vocab_size=4096, max_seq_len=256)
+CPU_BATCH = (16, 128)
+GPU_SHAPE = dict(d_model=768, n_layers=12, n_heads=12, d_ff=2048, vocab_size=32000, max_seq_len=1024)
+GPU_BATCH = (16, 1024)
+
+
+def variants(shape: dict) -> dict[str, ModelConfig]:
+    return {
+        "dense": ModelConfig(**shape),
+        "pc (level 4, ffn+attn_out)": ModelConfig(**shape, linear="pc", pc=PCConfig(level=4)),
+        "tsvd r=0.25": ModelConfig(**shape, linear="tsvd", tsvd=TSVDConfig(init_rank_fraction=0.25)),
+        "tsvd r=0.5": ModelConfig(**shape, linear="tsvd", tsvd=TSVDConfig(init_rank_fraction=0.5)),
+    }
+
+
+def step_hooks(model: Llama, cfg: ModelConfig, bf16: bool):
+    """(before the first micro-batch, after the last backward, after the optimizer step) for this linear kind."""
+    if cfg.linear == "pc":
+        pc = PCStep(cfg.pc.bf16_matmuls, layers=pc_layers(model))
+        return (lambda: pc.begin_step(bf16)), pc.end_step, (lambda: None)
+    if cfg.linear == "tsvd":
+        from pc_lightning.callbacks.ortho_refresh import refresh_all
+
+        return (lambda: None), (lambda: None), (lambda: refresh_all(model, cfg.tsvd.ortho_method))
+    return (lambda: None), (lambda: None), (lambda: None)
+
+
+def measure(cfg: ModelConfig, batch: tuple[int, int], device: torch.device, steps: int, accum: int,
+            compile_: bool) -> float:
+    """Tokens/s of full optimizer steps (``accum`` micro-batches each), after warm-up (compilation excluded)."""
+    torch.manual_seed(0)
+    model = Llama(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
+    fn = torch.compile(model) if compile_ else model
+    bf16 = device.type == "cuda"
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    begin, end, after = step_hooks(model, cfg, bf16)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    data = [torch.randint(0, cfg.vocab_size, (batch[0], batch[1] + 1), generator=gen).to(device) for _ in range(4)]
+
+    def step(i: int) -> None:
+        begin()
+        for j in range(accum):
+            x = data[(i * accum + j) % len(data)]
+            with amp:
+                logits = fn(x[:, :-1])
+            loss = F.cross_entropy(logits.float().reshape(-1, cfg.vocab_size), x[:, 1:].reshape(-1))
+            (loss / accum).backward()
+        end()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        after()
+
+    for i in range(3):  # warm-up (and compilation)
+        step(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * accum * batch[0] * batch[1] / (time.perf_counter() - t0)
+
+
+def merge_seconds(cfg: ModelConfig) -> float | None:
+    if cfg.linear == "dense":
+        return None
+    torch.manual_seed(0)
+    model = Llama(cfg)
+    t0 = time.perf_counter()
+    merge_model(copy.deepcopy(model))
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=None, help="timed optimizer steps per configuration")
+    parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--out", default="results/bench/layers.md")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shape, batch = (GPU_SHAPE, GPU_BATCH) if device.type == "cuda" else (CPU_SHAPE, CPU_BATCH)
+    steps = args.steps or (20 if device.type == "cuda" else 6)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    configs = variants(shape)
+    modes = [False] if args.no_compile else [False, True]
+
+    tokens = {(name, c): measure(cfg, batch, device, steps, args.accum, c) for c in modes
+              for name, cfg in configs.items()}
+    params = {name: count_parameters(Llama(cfg)) for name, cfg in configs.items()}
+    merges = {name: merge_seconds(cfg) for name, cfg in configs.items()}
+
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    header = "| variant | params | merge s | " + " | ".join(
+        f"{'compiled' if c else 'eager'} tokens/s | vs dense" for c in modes) + " |"
+    lines = [
+        f"# Linear kinds: dense vs PC vs TSVD ({where})",
+        "",
+        f"shape: {shape}, batch {batch[0]}x{batch[1]}, {args.accum} micro-batch(es) per step, {steps} timed "
+        f"optimizer steps, torch {torch.__version__}",
+        "",
+        header,
+        "|---|---|---|" + "---|---|" * len(modes),
+    ]
+    for name in configs:
+        merge = "-" if merges[name] is None else f"{merges[name]:.2f}"
+        cells = " | ".join(f"{tokens[name, c]:,.0f} | {tokens[name, c] / tokens['dense', c]:.2f}x" for c in modes)
+        lines.append(f"| {name} | {params[name]:,} | {merge} | {cells} |")
+    text = "\n".join(lines)
+    print(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

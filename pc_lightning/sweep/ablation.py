@@ -116,13 +116,16 @@ def is_done(run) -> bool:
     return run.info.status == "FINISHED" or run.data.tags.get("status") == "diverged"
 
 
-def record_failure(mlflow_client, parent_id: str, cfg: ExperimentConfig, started: float, error: Exception) -> None:
+def runs_of_key(mlflow_client, parent_id: str, key: str) -> list:
+    return [r for r in runs.children(mlflow_client, mlflow_client.get_run(parent_id)) if r.data.tags.get("pcl.key") == key]
+
+
+def record_failure(mlflow_client, parent_id: str, cfg: ExperimentConfig, earlier: set[str], error: Exception) -> None:
     """Make sure a failed combination has a FAILED child run carrying the error, even if it failed before
-    Lightning created its MLflow run (e.g. a layer or optimizer that is not implemented)."""
-    parent = mlflow_client.get_run(parent_id)
-    key = cfg.tracking.tags["pcl.key"]
-    mine = [r for r in runs.children(mlflow_client, parent)
-            if r.data.tags.get("pcl.key") == key and r.info.start_time >= started * 1000 - 1000]
+    Lightning created its MLflow run (e.g. a layer or optimizer that is not implemented). ``earlier``: the
+    run ids this combination had before this attempt."""
+    mine = [r for r in runs_of_key(mlflow_client, parent_id, cfg.tracking.tags["pcl.key"])
+            if r.info.run_id not in earlier]
     if mine:
         run_id = mine[-1].info.run_id
         if mlflow_client.get_run(run_id).info.status == "RUNNING":
@@ -162,6 +165,7 @@ def run_ablation(spec_path: str, overrides: list[str] | None = None) -> int:
     failures = 0
     for i, combo in enumerate(todo, 1):
         cfg = run_config(spec, combo, overrides, parent_id)
+        earlier = {r.info.run_id for r in runs_of_key(mlflow_client, parent_id, combo.key)}
         started = time.time()
         try:
             result = train(cfg, quiet=True)
@@ -173,7 +177,7 @@ def run_ablation(spec_path: str, overrides: list[str] | None = None) -> int:
             return 130
         except Exception as e:  # one broken combination must not stop the grid; it is recorded as failed
             failures += 1
-            record_failure(mlflow_client, parent_id, cfg, started, e)
+            record_failure(mlflow_client, parent_id, cfg, earlier, e)
             print(f"[{i}/{len(todo)}] {combo.key}: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
 
     out_dir = publish_ablation(mlflow_client, parent_id)

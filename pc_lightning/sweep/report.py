@@ -57,7 +57,7 @@ class RunRow:
     tokens_per_sec: float | None
     parameters: int | None
     spikes: float | None
-    steps: int | None
+    last_val_step: int | None  # MLflow step of the last validation
     vocab: int | None
     run_id: str
     error: str = ""
@@ -85,7 +85,7 @@ def run_row(mlflow_client, run) -> RunRow:
         final_val_loss=values[-1] if values else None, best_val_loss=min(finite) if finite else None,
         tokens_per_sec=metrics.get("perf/tokens_per_sec"),
         parameters=int(parameters) if parameters not in (None, "None") else None,
-        spikes=metrics.get("spike/count"), steps=history[-1].step if history else None,
+        spikes=metrics.get("spike/count"), last_val_step=history[-1].step if history else None,
         vocab=int(vocab) if vocab not in (None, "None") else None, run_id=run.info.run_id,
         error=tags.get("error", "") or tags.get("diverged_message", ""))
 
@@ -148,7 +148,7 @@ def summarize(variant: str, optimizer: str, rows: list[RunRow]) -> GroupSummary:
         spikes=sum(spikes) if spikes else None,
         diverged=sum(r.status == "diverged" for r in results), runs=len(results),
         failed=len(rows) - len(results),
-        max_stable_lr=max_stable_lr(losses, l0) if l0 and losses else None,
+        max_stable_lr=max_stable_lr(losses, l0) if l0 and len(losses) > 1 else None,
         lr_sensitivity=lr_sensitivity(losses, l0) if l0 and len(losses) > 1 else None,
         losses_by_lr=losses)
 

@@ -2,14 +2,15 @@
 
 Each optimizer runs through the suite's own ``train()`` from its experiment preset (conf/baseline.yaml,
 conf/muon.yaml, conf/soap.yaml, conf/gn.yaml; gn_layerwise = conf/gn.yaml with optim.name=gn_layerwise), at
-the preset's learning rate, with the same model, data, seed and token budget (SOAP: see ``PRESETS``). A GN outer step consumes
-inner_steps + 1 batches, so it gets proportionally fewer (outer) steps.
+the preset's learning rate, with the same model, data, seed and token budget (SOAP: see ``PRESETS``).
+A GN outer step consumes inner_steps + 1 batches, so it gets proportionally fewer (outer) steps.
 
 Recorded per (outer) step: the training loss on the step's fresh batch before the update, wall-clock time
 of the step, tokens consumed. Reported:
 
 * target = AdamW's loss at 80% of its steps (5-step trailing mean of the training loss, for every optimizer);
 * steps (and tokens) each optimizer needs to reach it, as a ratio to AdamW (< 1 = fewer steps);
+* the loss (same 5-step mean) at the fewest steps any optimizer ran: a per-iteration comparison;
 * median wall-clock seconds per (outer) step, and its ratio to AdamW's;
 * validation loss at the end of the budget (the suite's fixed validation windows).
 
@@ -102,6 +103,7 @@ def summarise(runs: list[dict]) -> tuple[float, list[dict]]:
     target = smoothed([r["loss"] for r in adamw["rows"]])[at]
     adamw_steps = first_step_below(adamw["rows"], target)
     adamw_sec = statistics.median(r["seconds"] for r in adamw["rows"][1:])
+    common = min(len(run["rows"]) for run in runs)  # per-iteration comparison at the fewest steps any run took
     table = []
     for run in runs:
         steps = first_step_below(run["rows"], target)
@@ -111,6 +113,7 @@ def summarise(runs: list[dict]) -> tuple[float, list[dict]]:
             "steps_to_target": steps, "step_ratio": steps / adamw_steps if steps else None,
             "token_ratio": steps * run["tokens_per_step"] / (adamw_steps * adamw["tokens_per_step"]) if steps else None,
             "sec_per_step": sec, "sec_ratio": sec / adamw_sec, "val_loss": run["val_loss"], "wall": run["wall"],
+            "common_step": common, "loss_at_common_step": smoothed([r["loss"] for r in run["rows"]])[common - 1],
             "status": run["status"],
         })
     return target, table
@@ -129,14 +132,15 @@ def write_markdown(path: Path, args: argparse.Namespace, target: float, table: l
         "the presets' (GN: inner_lr, 4 inner steps); SOAP runs with max_precond_dim 1024 so that the vocabulary "
         "dimension stays unrotated, as at paper scale.", "",
         "| optimizer | lr | steps run | tokens/step | steps to target | steps vs AdamW | tokens vs AdamW "
-        "| s/step | s/step vs AdamW | final val loss | run s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| s/step | s/step vs AdamW | loss at step {table[0]['common_step']} | final val loss | run s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
         lines.append(
-            f"| {r['name']} | {r['lr']:g} | {r['steps_run']} | {r['tokens_per_step']} | {fmt(r['steps_to_target'], 'd')} "
-            f"| {fmt(r['step_ratio'], '.2f')} | {fmt(r['token_ratio'], '.2f')} | {r['sec_per_step']:.3f} "
-            f"| {r['sec_ratio']:.1f}x | {fmt(r['val_loss'], '.3f')} | {r['wall']:.0f} |")
+            f"| {r['name']} | {r['lr']:g} | {r['steps_run']} | {r['tokens_per_step']} "
+            f"| {fmt(r['steps_to_target'], 'd')} | {fmt(r['step_ratio'], '.2f')} | {fmt(r['token_ratio'], '.2f')} "
+            f"| {r['sec_per_step']:.3f} | {r['sec_ratio']:.1f}x | {r['loss_at_common_step']:.3f} "
+            f"| {fmt(r['val_loss'], '.3f')} | {r['wall']:.0f} |")
     lines += ["", "Curves: optimizers.png (training loss vs step and vs wall-clock seconds, 5-step mean).", ""]
     path.write_text("\n".join(lines))
 
@@ -182,7 +186,8 @@ def main() -> None:
         runs = []
         for name in args.optimizers:
             runs.append(run_one(name, args, Path(tmp)))
-            print(f"{name}: {runs[-1]['steps']} steps, {runs[-1]['wall']:.0f} s, val {runs[-1]['val_loss']}", flush=True)
+            run = runs[-1]
+            print(f"{name}: {run['steps']} steps, {run['wall']:.0f} s, val {run['val_loss']}", flush=True)
     target, table = summarise(runs)
     write_markdown(args.out / "optimizers.md", args, target, table)
     plot(args.out / "optimizers.png", runs, target)

@@ -100,7 +100,7 @@ def sweep_subprocess(spec_path: Path, results_dir: Path) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_killed_sweep_resumes_without_duplicates(tmp_path, data_cache, results_dir, sig):
     overrides = tiny_overrides(data_cache, results_dir, **{"trainer.max_steps": 30, "trainer.val_every": 10})
     spec_path = write_spec(tmp_path / "sweep.yaml", data_cache, results_dir, n_trials=2, overrides=overrides)
@@ -126,7 +126,6 @@ def test_killed_sweep_resumes_without_duplicates(tmp_path, data_cache, results_d
     assert statuses == sorted(["crashed" if sig == signal.SIGKILL else "killed", "finished", "finished"])
 
 
-@pytest.mark.slow
 def test_two_workers_share_one_study(tmp_path, data_cache, results_dir):
     spec_path = write_spec(tmp_path / "sweep.yaml", data_cache, results_dir, n_trials=4)
     assert run_sweep(str(spec_path), workers=2) == 0

@@ -203,18 +203,25 @@ def _label(g: GroupSummary) -> str:
     return f"{g.variant} / {g.optimizer}"
 
 
+def _style(g: GroupSummary, groups: list[GroupSummary]) -> dict:
+    """One colour per variant, one line style per optimizer."""
+    variants = list(dict.fromkeys(x.variant for x in groups))
+    optimizers = list(dict.fromkeys(x.optimizer for x in groups))
+    return {"color": f"C{variants.index(g.variant) % 10}",
+            "linestyle": ["-", "--", ":", "-."][optimizers.index(g.optimizer) % 4]}
+
+
 def plot_loss_curves(path: Path, mlflow_client, groups: list[GroupSummary], rows: list[RunRow]) -> None:
     """Validation loss vs optimizer step, one line per seed of each variant x optimizer at its best LR."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 5))
-    for i, g in enumerate(groups):
-        color = f"C{i % 10}"
+    for g in groups:
         picked = [r for r in rows if (r.variant, r.optimizer) == (g.variant, g.optimizer) and r.status in DONE
                   and (g.lr is None or r.lr == g.lr)]
         for j, r in enumerate(sorted(picked, key=lambda r: r.seed)):
             history = sorted(mlflow_client.get_metric_history(r.run_id, "val/loss"), key=lambda m: m.step)
-            ax.plot([m.step for m in history], [m.value for m in history], color=color, alpha=1.0 if j == 0 else 0.4,
-                    label=_label(g) if j == 0 else None, marker="o", markersize=3)
+            ax.plot([m.step for m in history], [m.value for m in history], **_style(g, groups),
+                    alpha=1.0 if j == 0 else 0.4, label=_label(g) if j == 0 else None, marker="o", markersize=3)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title("Validation loss per variant")
@@ -229,14 +236,15 @@ def plot_lr_sensitivity(path: Path, groups: list[GroupSummary], initial_loss: fl
     """Final val loss vs learning rate (diverged = l0, drawn as a cross)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 5))
-    for i, g in enumerate(groups):
+    for g in groups:
         if not g.losses_by_lr:
             continue
         lrs = sorted(g.losses_by_lr)
         ys = [g.losses_by_lr[lr] if g.losses_by_lr[lr] is not None else initial_loss for lr in lrs]
-        ax.plot(lrs, ys, marker="o", color=f"C{i % 10}", label=_label(g))
+        style = _style(g, groups)
+        ax.plot(lrs, ys, marker="o", **style, label=_label(g))
         crossed = [lr for lr in lrs if g.losses_by_lr[lr] is None]
-        ax.scatter(crossed, [initial_loss] * len(crossed), marker="x", color=f"C{i % 10}", s=60)
+        ax.scatter(crossed, [initial_loss] * len(crossed), marker="x", color=style["color"], s=60)
     if initial_loss is not None:
         ax.axhline(initial_loss, color="gray", linestyle="--", linewidth=1, label="l0 = ln(vocab)")
     ax.set_xscale("log")
@@ -257,7 +265,7 @@ def plot_spectra(path: Path, mlflow_client, groups: list[GroupSummary], rows: li
     cols = min(3, len(keys))
     nrows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.2 * nrows), squeeze=False)
-    for i, g in enumerate(groups):
+    for g in groups:
         picked = [r for r in rows if (r.variant, r.optimizer) == (g.variant, g.optimizer) and r.status in DONE
                   and (g.lr is None or r.lr == g.lr)]
         if not picked:
@@ -266,7 +274,7 @@ def plot_spectra(path: Path, mlflow_client, groups: list[GroupSummary], rows: li
         for ax, key in zip(axes.flat, keys):
             history = sorted(mlflow_client.get_metric_history(run.run_id, key), key=lambda m: m.step)
             if history:
-                ax.plot([m.step for m in history], [m.value for m in history], color=f"C{i % 10}", label=_label(g))
+                ax.plot([m.step for m in history], [m.value for m in history], **_style(g, groups), label=_label(g))
     for ax, key in zip(axes.flat, keys):
         ax.set_title(key, fontsize=8)
         ax.set_yscale("log")

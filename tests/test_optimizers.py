@@ -6,7 +6,6 @@ import importlib.util
 import math
 import os
 
-import lightning as L
 import pytest
 import torch
 
@@ -16,6 +15,7 @@ from pc_lightning.optim.combined import CombinedOptimizer
 from pc_lightning.optim.factory import build_optimizer
 from pc_lightning.optim.schedule import build_scheduler
 from pc_lightning.train import train
+from helpers import StopAt
 
 
 def tiny_model(**overrides) -> Llama:
@@ -136,15 +136,6 @@ def test_gauss_newton_budget_counts_every_batch_of_an_outer_step(tiny_cfg):
     with pytest.raises(ConfigError) as err:
         tiny_cfg(**{"optim.name": "gn_layerwise", "model.linear": "tsvd"})
     assert err.value.key == "model.linear"
-
-
-class StopAt(L.Callback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step >= self.step:
-            trainer.should_stop = True
 
 
 def last_checkpoint(checkpoint_dir: str) -> dict:

@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from pc_lightning import tracking
 from pc_lightning.config import load_config
 from pc_lightning.train import train
+from helpers import StopAt
 
 
 def client() -> MlflowClient:
@@ -22,15 +23,6 @@ def client() -> MlflowClient:
 
 def final_state(ckpt_dir: str) -> dict:
     return torch.load(os.path.join(ckpt_dir, "last.ckpt"), map_location="cpu", weights_only=False)
-
-
-class StopAt(L.Callback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step >= self.step:
-            trainer.should_stop = True
 
 
 class RaiseAt(L.Callback):

@@ -19,6 +19,7 @@ from pc_lightning.config import ConfigError, TSVDConfig
 from pc_lightning.layers.energy_rank import energy_rank, next_rank
 from pc_lightning.layers.tsvd_linear import TSVDLinear, orthonormality_error, orthonormalize
 from pc_lightning.train import train
+from helpers import StopAt
 
 TOL = 1e-4
 
@@ -246,15 +247,6 @@ def test_rank_change_mid_run_keeps_training_and_is_logged(tiny_cfg):
     history = MlflowClient(tracking.tracking_uri(tracking.TrackingConfig())).get_metric_history(
         result.run_id, "tsvd/parameters")
     assert history[-1].value < history[0].value
-
-
-class StopAt(L.Callback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step >= self.step:
-            trainer.should_stop = True
 
 
 def test_resume_across_rank_change_matches_uninterrupted_run(tiny_cfg):

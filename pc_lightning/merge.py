@@ -19,6 +19,7 @@ Outputs under ``out_dir`` (default ``<checkpoint dir>/merged``):
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 from pathlib import Path
 
@@ -151,6 +152,8 @@ def merge_module(module: PretrainModule, out_dir: str | Path, hf_export: bool = 
 
     if hf_export:
         reason = hf_incompatibility(dense_module.cfg.model)
+        if reason is None and importlib.util.find_spec("transformers") is None:
+            reason = "transformers is not installed (pip install -e '.[hf]')"
         if reason is None:
             export_hf(dense_model, out / "hf")
             log.info("Hugging Face export written to %s", out / "hf")

@@ -295,3 +295,17 @@ def test_rank_changed_checkpoint_converts_to_dense(tiny_cfg):
     dense_cfg = module.cfg.model
     dense_cfg.linear = "dense"
     assert count_parameters(dense) == count_parameters(Llama(dense_cfg))
+
+
+def test_spectrum_monitor_reads_the_rank_r_spectrum():
+    from pc_lightning.callbacks.spectrum_monitor import spectrum_metrics
+    from pc_lightning.config import ModelConfig
+    from pc_lightning.model import Llama
+
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=16,
+                              linear="tsvd"))
+    layer = model.blocks[0].attn.o
+    s = layer.s.detach().abs()
+    metrics = spectrum_metrics(model)
+    assert metrics["spectrum/blocks.0.attn.o/cond"] == pytest.approx((s.max() / s.min()).item(), rel=1e-4)

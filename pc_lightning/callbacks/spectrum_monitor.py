@@ -1,7 +1,8 @@
 """Singular-value spectrum of every block matrix: top/bottom singular value, condition number, GMCN.
 
 The PC paper's central quantity (Wang et al., arXiv 2606.06470, DESIGN.md section 3). For each block matrix's
-effective weight W (whatever its linear kind: ``effective_weight()``), with singular values σ_1 ≥ … ≥ σ_r:
+effective weight W (whatever its linear kind: ``effective_weight()``), with singular values σ_1 ≥ … ≥ σ_r (r = the layer's rank: TSVD
+layers hold r < min(m, n) and their other singular values are exact zeros, not part of the spectrum):
 
     cond = σ_1 / σ_r        mcn = σ_1 / mean(σ_i over the bottom 10%, at least one)
     GMCN = exp(mean over matrices of log mcn)      (global modified condition number)
@@ -27,13 +28,15 @@ BOTTOM_FRACTION = 0.1
 @torch.no_grad()
 def spectrum_metrics(model: nn.Module) -> dict[str, float]:
     """{metric name: value} for every block matrix of ``model`` plus the GMCN (one host sync)."""
-    by_shape: dict[tuple[int, int], list[tuple[str, torch.Tensor]]] = {}
+    by_shape: dict[tuple[int, int, int], list[tuple[str, torch.Tensor]]] = {}
     for name, layer in linear_layers(model):
         w = layer.effective_weight().detach().float()
-        by_shape.setdefault(tuple(w.shape), []).append((name, w))
+        # A rank-r layer (TSVD) has min(m, n) - r exact zeros: its spectrum is the r values it holds.
+        rank = getattr(layer, "rank", min(w.shape))
+        by_shape.setdefault((*w.shape, rank), []).append((name, w))
     names, rows = [], []
-    for group in by_shape.values():
-        sv = torch.linalg.svdvals(torch.stack([w for _, w in group]))  # (B, r), descending
+    for (_, _, rank), group in by_shape.items():
+        sv = torch.linalg.svdvals(torch.stack([w for _, w in group]))[:, :rank]  # (B, r), descending
         k = max(1, math.ceil(BOTTOM_FRACTION * sv.size(-1)))
         top, bottom = sv[:, 0], sv[:, -1]
         mcn = top / sv[:, -k:].mean(dim=-1)

@@ -21,23 +21,18 @@ fused AdamW); DESIGN.md section 8 has the H100 reference figures.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from pc_lightning.callbacks.pc_step import PCStep, pc_layers
 from pc_lightning.config import ModelConfig, PCConfig, TSVDConfig
 from pc_lightning.merge import merge_model
 from pc_lightning.model import Llama, count_parameters
+from timing import CPU_BATCH, CPU_SHAPE, GPU_BATCH, GPU_SHAPE, tokens_per_second  # bench/timing.py (this folder is on sys.path)
 
-CPU_SHAPE = dict(d_model=128, n_layers=4, n_heads=4, d_ff=384, vocab_size=4096, max_seq_len=256)
-CPU_BATCH = (16, 128)
-GPU_SHAPE = dict(d_model=768, n_layers=12, n_heads=12, d_ff=2048, vocab_size=32000, max_seq_len=1024)
-GPU_BATCH = (16, 1024)
 
 
 def variants(shape: dict) -> dict[str, ModelConfig]:
@@ -66,37 +61,8 @@ def measure(cfg: ModelConfig, batch: tuple[int, int], device: torch.device, step
     """Tokens/s of full optimizer steps (``accum`` micro-batches each), after warm-up (compilation excluded)."""
     torch.manual_seed(0)
     model = Llama(cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
-    fn = torch.compile(model) if compile_ else model
-    bf16 = device.type == "cuda"
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    begin, end, after = step_hooks(model, cfg, bf16)
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    data = [torch.randint(0, cfg.vocab_size, (batch[0], batch[1] + 1), generator=gen).to(device) for _ in range(4)]
-
-    def step(i: int) -> None:
-        begin()
-        for j in range(accum):
-            x = data[(i * accum + j) % len(data)]
-            with amp:
-                logits = fn(x[:, :-1])
-            loss = F.cross_entropy(logits.float().reshape(-1, cfg.vocab_size), x[:, 1:].reshape(-1))
-            (loss / accum).backward()
-        end()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        after()
-
-    for i in range(3):  # warm-up (and compilation)
-        step(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for i in range(steps):
-        step(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return steps * accum * batch[0] * batch[1] / (time.perf_counter() - t0)
+    begin, end, after = step_hooks(model, cfg, bf16=device.type == "cuda")
+    return tokens_per_second(model, cfg.vocab_size, batch, device, steps, compile_, accum, begin, end, after)
 
 
 def merge_seconds(cfg: ModelConfig) -> float | None:

@@ -12,20 +12,14 @@ section 8 reports HF compiled at 394k tokens/s (38% MFU) on an H100.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from pc_lightning.config import ModelConfig
 from pc_lightning.model import Llama, count_parameters, flops_per_token
+from timing import CPU_BATCH, CPU_SHAPE, GPU_BATCH, GPU_SHAPE, tokens_per_second  # bench/timing.py (this folder is on sys.path)
 
-CPU_SHAPE = dict(d_model=128, n_layers=4, n_heads=4, d_ff=384, vocab_size=4096, max_seq_len=256)
-CPU_BATCH = (16, 128)
-GPU_SHAPE = dict(d_model=768, n_layers=12, n_heads=12, d_ff=2048, vocab_size=32000, max_seq_len=1024)
-GPU_BATCH = (16, 1024)
 
 
 def hf_llama(cfg: ModelConfig) -> torch.nn.Module:
@@ -52,37 +46,6 @@ class HFLogits(torch.nn.Module):
         return self.model(input_ids=idx, use_cache=False).logits
 
 
-def measure(model: torch.nn.Module, batch: tuple[int, int], vocab: int, device: torch.device, steps: int,
-            compile_: bool) -> float:
-    """Tokens/s of full training steps, after warm-up (compilation excluded)."""
-    model = model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
-    fn = torch.compile(model) if compile_ else model
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    data = [torch.randint(0, vocab, (batch[0], batch[1] + 1), generator=gen).to(device) for _ in range(4)]
-
-    def step(i: int) -> None:
-        x = data[i % len(data)]
-        with amp:
-            logits = fn(x[:, :-1])
-        loss = F.cross_entropy(logits.float().reshape(-1, vocab), x[:, 1:].reshape(-1))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    for i in range(3):  # warm-up (and compilation)
-        step(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for i in range(steps):
-        step(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return steps * batch[0] * batch[1] / (time.perf_counter() - t0)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration")
@@ -104,8 +67,8 @@ def main() -> None:
         ours = Llama(cfg)
         hf = HFLogits(hf_llama(cfg))
         n_ours, n_hf = count_parameters(ours), count_parameters(hf)
-        tps_hf = measure(hf, batch, cfg.vocab_size, device, steps, compile_)
-        tps_ours = measure(ours, batch, cfg.vocab_size, device, steps, compile_)
+        tps_hf = tokens_per_second(hf, cfg.vocab_size, batch, device, steps, compile_)
+        tps_ours = tokens_per_second(ours, cfg.vocab_size, batch, device, steps, compile_)
         rows.append((("compiled" if compile_ else "eager"), tps_ours, tps_hf, n_ours, n_hf))
         del ours, hf
         if device.type == "cuda":

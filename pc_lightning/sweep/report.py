@@ -211,6 +211,15 @@ def _style(g: GroupSummary, groups: list[GroupSummary]) -> dict:
             "linestyle": ["-", "--", ":", "-."][optimizers.index(g.optimizer) % 4]}
 
 
+def _finish(plt, fig, ax, path: Path) -> None:
+    """Grid, legend and PNG for the one-axis plots."""
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_loss_curves(path: Path, mlflow_client, groups: list[GroupSummary], rows: list[RunRow]) -> None:
     """Validation loss vs optimizer step, one line per seed of each variant x optimizer at its best LR."""
     plt = _plt()
@@ -225,11 +234,7 @@ def plot_loss_curves(path: Path, mlflow_client, groups: list[GroupSummary], rows
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title("Validation loss per variant")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(plt, fig, ax, path)
 
 
 def plot_lr_sensitivity(path: Path, groups: list[GroupSummary], initial_loss: float | None) -> None:
@@ -251,11 +256,7 @@ def plot_lr_sensitivity(path: Path, groups: list[GroupSummary], initial_loss: fl
     ax.set_xlabel("learning rate")
     ax.set_ylabel("final validation loss")
     ax.set_title("LR sensitivity (x = diverged)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(plt, fig, ax, path)
 
 
 def plot_spectra(path: Path, mlflow_client, groups: list[GroupSummary], rows: list[RunRow], keys: list[str]) -> None:

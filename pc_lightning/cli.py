@@ -96,6 +96,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from pc_lightning.train import train
 
         result = train(cfg, resume=args.resume)
+        if not result.run_id:  # a rank other than 0 of a multi-process run: rank 0 reports
+            return 3 if result.status == "diverged" else 0
         print(f"run {result.run_id}: {result.status} at step {result.step}; "
               f"val/loss={result.metrics.get('val/loss', float('nan')):.4f}; checkpoints in {result.checkpoint_dir}")
         if result.status == "diverged":

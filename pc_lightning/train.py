@@ -18,7 +18,9 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.loggers.logger import DummyLogger
 
 from pc_lightning import tracking
 from pc_lightning.config import (ConfigError, ExperimentConfig, batches_per_step, flatten, save_yaml, steps_for_budget,
@@ -110,17 +112,26 @@ def train(cfg: ExperimentConfig, resume: str | None = None, extra_callbacks: lis
     total_steps = steps_for_budget(cfg, world)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * batches_per_step(cfg) * world
 
+    # Multi-process runs (torchrun, srun, Lightning's own launcher) start this function on every rank. Only
+    # global rank 0 talks to MLflow; the others log nowhere (opening the SQLite store from every rank at once
+    # races on its schema creation). The checkpoint directory named after rank 0's run id reaches the other
+    # ranks through ModelCheckpoint, which broadcasts its dirpath from rank 0 in setup().
+    lead = rank_zero_only.rank == 0
     uri = tracking.tracking_uri(cfg.tracking)
-    tracking.ensure_results_dir(uri)
-    mlflow_client = tracking.client(uri)
-    tracking.get_or_create_experiment(mlflow_client, cfg.tracking.experiment, uri)
-    tags = dict(cfg.tracking.tags)
-    tags["pcl.name"] = cfg.name
-    if cfg.tracking.parent_run_id:
-        tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
-    logger = MLFlowLogger(experiment_name=cfg.tracking.experiment, run_name=cfg.tracking.run_name or cfg.name,
-                          tracking_uri=uri, tags=tags, run_id=run_id,
-                          artifact_location=tracking.artifact_location(uri))
+    mlflow_client = None
+    if lead:
+        tracking.ensure_results_dir(uri)
+        mlflow_client = tracking.client(uri)
+        tracking.get_or_create_experiment(mlflow_client, cfg.tracking.experiment, uri)
+        tags = dict(cfg.tracking.tags)
+        tags["pcl.name"] = cfg.name
+        if cfg.tracking.parent_run_id:
+            tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
+        logger = MLFlowLogger(experiment_name=cfg.tracking.experiment, run_name=cfg.tracking.run_name or cfg.name,
+                              tracking_uri=uri, tags=tags, run_id=run_id,
+                              artifact_location=tracking.artifact_location(uri))
+    else:
+        logger, run_id = DummyLogger(), None
 
     gauss_newton = cfg.optim.name in ("gn", "gn_layerwise")  # manual optimisation, stacked batches
     module = (GaussNewtonModule if gauss_newton else PretrainModule)(to_dict(cfg), total_steps=total_steps)
@@ -128,8 +139,8 @@ def train(cfg: ExperimentConfig, resume: str | None = None, extra_callbacks: lis
         cfg.data, seed=cfg.trainer.seed, max_steps=total_steps, accumulate=batches_per_step(cfg))
     datamodule.prepared = prepared
 
-    if logger.run_id is not None:  # rank 0
-        run_id = logger.run_id
+    if lead:
+        run_id = logger.run_id  # creates the MLflow run (or reopens the resumed one)
         if ckpt_path is not None:
             mlflow_client.update_run(run_id, status="RUNNING")
         else:
@@ -182,7 +193,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None, extra_callbacks: lis
             mlflow_client.set_tag(run_id, "diverged_message", message)
             mlflow_client.set_terminated(run_id, "FAILED")
     return RunResult(run_id=run_id or "", status=status, step=trainer.global_step, metrics=metrics,
-                     checkpoint_dir=str(ckpt_dir), message=message)
+                     checkpoint_dir=str(checkpoint.dirpath or ckpt_dir), message=message)
 
 
 def _log_config(logger: MLFlowLogger, cfg: ExperimentConfig, prepared, module: PretrainModule, total_steps: int,

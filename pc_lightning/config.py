@@ -133,7 +133,8 @@ class OptimConfig:
 
     name: Literal["adamw", "muon", "soap", "gn", "gn_layerwise"] = "adamw"
     lr: float = 3e-3
-    weight_decay: float = 0.1
+    weight_decay: float = 0.1  # on matrices (ndim >= 2); norm weights, gains and scalars get none
+    decay_pc_gamma: bool = True  # also decay the PC gains gamma, as the PC reference does (it decays everything)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     warmup_fraction: float = 0.05

@@ -164,3 +164,17 @@ def test_resume_restores_optimizer_state(tiny_cfg, name):
     assert want.keys() == got.keys()
     for key in want:
         assert torch.equal(want[key], got[key]), key
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon", "soap"])
+@pytest.mark.parametrize("decay_gamma", [True, False])
+def test_pc_gains_are_weight_decayed_as_configured(name, decay_gamma):
+    """optim.decay_pc_gamma puts every PC gain γ in a decayed group (the PC reference decays all parameters)."""
+    model = tiny_model(linear="pc")
+    opt = build_optimizer(model, OptimConfig(name=name, weight_decay=0.1, decay_pc_gamma=decay_gamma))
+    groups = [g for part in getattr(opt, "optimizers", [opt]) for g in part.param_groups]
+    gammas = {id(p) for n, p in model.named_parameters() if n.endswith(".gamma")}
+    assert gammas
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert (gammas <= decayed) is decay_gamma
+    assert not decayed & {id(p) for n, p in model.named_parameters() if "norm" in n}

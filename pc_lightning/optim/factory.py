@@ -1,7 +1,8 @@
 """Build the optimizer named by ``optim.name`` for a model (DESIGN.md section 5).
 
-* ``adamw``: ``torch.optim.AdamW``. Parameter groups: weight decay on matrices (``ndim >= 2``) only; norms,
-  gains and scalars get none.
+* ``adamw``: ``torch.optim.AdamW``. Parameter groups: weight decay on matrices (``ndim >= 2``) and, with
+  ``decay_pc_gamma`` (default, as in the PC reference, which decays every parameter), on the PC layers'
+  gains γ; norms, other gains and scalars get none.
 * ``muon``: ``torch.optim.Muon`` (Keller Jordan 2024: Nesterov momentum, then ``ns_steps`` Newton-Schulz
   iterations that map the update to about U Vᵀ of its SVD, then lr scaled by ``adjust_lr_fn``:
   ``original`` = sqrt(max(1, rows/cols)), ``match_rms_adamw`` = 0.2·sqrt(max(rows, cols)), which gives the
@@ -31,18 +32,29 @@ from pc_lightning.optim.combined import CombinedOptimizer
 NamedParams = list[tuple[str, nn.Parameter]]
 
 
-def decay_groups(params: NamedParams, weight_decay: float, lr: float) -> list[dict]:
-    decay = [p for _, p in params if p.ndim >= 2]
-    no_decay = [p for _, p in params if p.ndim < 2]
+def pc_gain_names(model: nn.Module) -> frozenset[str]:
+    """Parameter names of the PC layers' learnable gains γ."""
+    from pc_lightning.layers.pc_linear import PCLinear
+
+    return frozenset(f"{name}.gamma" for name, m in model.named_modules()
+                     if isinstance(m, PCLinear) and isinstance(m.gamma, nn.Parameter))
+
+
+def decay_groups(params: NamedParams, weight_decay: float, lr: float,
+                 also_decay: frozenset[str] = frozenset()) -> list[dict]:
+    """Two groups: weight decay on matrices and on the names in ``also_decay``; none on the rest."""
+    decay = [p for n, p in params if p.ndim >= 2 or n in also_decay]
+    no_decay = [p for n, p in params if not (p.ndim >= 2 or n in also_decay)]
     groups = [{"params": decay, "weight_decay": weight_decay, "lr": lr, "name": "decay"},
               {"params": no_decay, "weight_decay": 0.0, "lr": lr, "name": "no_decay"}]
     return [g for g in groups if g["params"]]
 
 
-def adamw(params: NamedParams, cfg: OptimConfig, lr: float | None = None) -> torch.optim.AdamW:
+def adamw(params: NamedParams, cfg: OptimConfig, lr: float | None = None,
+          also_decay: frozenset[str] = frozenset()) -> torch.optim.AdamW:
     lr = cfg.lr if lr is None else lr
     fused = all(p.is_cuda for _, p in params) and len(params) > 0
-    return torch.optim.AdamW(decay_groups(params, cfg.weight_decay, lr), lr=lr, betas=tuple(cfg.betas),
+    return torch.optim.AdamW(decay_groups(params, cfg.weight_decay, lr, also_decay), lr=lr, betas=tuple(cfg.betas),
                              eps=cfg.eps, fused=fused or None)
 
 
@@ -52,7 +64,7 @@ def is_hidden_matrix(name: str, param: nn.Parameter) -> bool:
 
 
 def muon(params: NamedParams, cfg: OptimConfig, lr: float | None = None,
-         adamw_lr: float | None = None) -> CombinedOptimizer:
+         adamw_lr: float | None = None, also_decay: frozenset[str] = frozenset()) -> CombinedOptimizer:
     lr = cfg.lr if lr is None else lr
     adamw_lr = cfg.adamw_lr if adamw_lr is None else adamw_lr
     hidden = [(n, p) for n, p in params if is_hidden_matrix(n, p)]
@@ -64,11 +76,11 @@ def muon(params: NamedParams, cfg: OptimConfig, lr: float | None = None,
             momentum=cfg.momentum, nesterov=cfg.nesterov, ns_steps=cfg.ns_steps, adjust_lr_fn=cfg.adjust_lr_fn,
         ))
     if rest:
-        parts.append(adamw(rest, cfg, lr=adamw_lr))
+        parts.append(adamw(rest, cfg, lr=adamw_lr, also_decay=also_decay))
     return CombinedOptimizer(parts)
 
 
-def soap(params: NamedParams, cfg: OptimConfig) -> pytorch_optimizer.SOAP:
+def soap(params: NamedParams, cfg: OptimConfig, also_decay: frozenset[str] = frozenset()) -> pytorch_optimizer.SOAP:
     """SOAP: Adam run in the eigenbasis of Shampoo's factors L = E[G Gᵀ], R = E[Gᵀ G].
 
     Per matrix: rotate the gradient G' = Q_Lᵀ G Q_R, run Adam on G', rotate the Adam direction back, and
@@ -85,7 +97,7 @@ def soap(params: NamedParams, cfg: OptimConfig) -> pytorch_optimizer.SOAP:
       step; the second moment lives in the rotated basis and is re-ordered to follow the new eigenvectors.
     """
     return pytorch_optimizer.SOAP(
-        decay_groups(params, cfg.weight_decay, cfg.lr), lr=cfg.lr, betas=tuple(cfg.betas),
+        decay_groups(params, cfg.weight_decay, cfg.lr, also_decay), lr=cfg.lr, betas=tuple(cfg.betas),
         weight_decay=cfg.weight_decay, precondition_frequency=cfg.precondition_frequency,
         max_precondition_dim=cfg.max_precond_dim, eps=cfg.eps,
     )
@@ -94,19 +106,21 @@ def soap(params: NamedParams, cfg: OptimConfig) -> pytorch_optimizer.SOAP:
 def build_inner_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """The Gauss-Newton inner optimizer over all trainable parameters; every group at ``inner_lr``."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    also_decay = pc_gain_names(model) if cfg.decay_pc_gamma else frozenset()
     if cfg.inner_optimizer == "muon":
-        return muon(params, cfg, lr=cfg.inner_lr, adamw_lr=cfg.inner_lr)
-    return adamw(params, cfg, lr=cfg.inner_lr)
+        return muon(params, cfg, lr=cfg.inner_lr, adamw_lr=cfg.inner_lr, also_decay=also_decay)
+    return adamw(params, cfg, lr=cfg.inner_lr, also_decay=also_decay)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    also_decay = pc_gain_names(model) if cfg.decay_pc_gamma else frozenset()
     if cfg.name == "adamw":
-        return adamw(params, cfg)
+        return adamw(params, cfg, also_decay=also_decay)
     if cfg.name == "muon":
-        return muon(params, cfg)
+        return muon(params, cfg, also_decay=also_decay)
     if cfg.name == "soap":
-        return soap(params, cfg)
+        return soap(params, cfg, also_decay=also_decay)
     if cfg.name in ("gn", "gn_layerwise"):
         return build_inner_optimizer(model, cfg)
     raise ValueError(f"unknown optim.name={cfg.name}")

@@ -52,6 +52,10 @@ class PCConfig:
     eps: float = 1e-6
     bf16_matmuls: bool = True  # under bf16-mixed precision, run the polynomial's matmuls in bf16 (else fp32)
     merge_on_end: bool = False  # write the merged dense checkpoint (+ HF export) when training ends
+    # where W_eff is computed during training: step = once per optimizer step outside the forward (PCStep),
+    # forward = inside every forward (needed under FSDP, whose weights are sharded outside it), auto = forward
+    # under trainer.strategy fsdp*, else step (pc_lightning/distributed.py)
+    evaluate: Literal["auto", "step", "forward"] = "auto"
 
 
 @dataclass
@@ -524,15 +528,25 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(t.val_every >= 1, "trainer.val_every", "must be >= 1")
     _require(t.log_every >= 1, "trainer.log_every", "must be >= 1")
     _require(t.checkpoint_every >= 1, "trainer.checkpoint_every", "must be >= 1")
+    if t.strategy.startswith("fsdp"):  # what needs whole matrices outside the forward (pc_lightning/distributed.py)
+        _require(m.pc.evaluate != "step", "model.pc.evaluate",
+                 "step (PCStep, W_eff outside the forward) cannot run on FSDP's sharded weights; use auto or forward")
+        _require(not (m.linear == "pc" and m.pc.merge_on_end), "model.pc.merge_on_end",
+                 "not under FSDP; merge the checkpoint afterwards with `pcl merge <ckpt>`")
+        _require(not (m.linear == "tsvd" and ts.rank_check_every > 0), "model.tsvd.rank_check_every",
+                 "TSVD rank changes are not supported under FSDP (flat sharded parameters); set it to 0 "
+                 "(fixed rank) or use trainer.strategy=ddp")
+        _require(o.name == "adamw", "optim.name",
+                 f"{o.name} needs whole matrices but FSDP gives the optimizer flat shards; use adamw, or ddp")
     if o.name in ("gn", "gn_layerwise"):
         _require(t.accumulate_grad_batches == 1, "trainer.accumulate_grad_batches",
                  "Gauss-Newton uses manual optimisation; leave accumulate_grad_batches at 1")
-        _require(m.z_loss == 0, "model.z_loss",
-                 "the Gauss-Newton model uses the cross-entropy Hessian only; set z_loss to 0 with optim.name=gn*")
-        _require(not m.compile, "model.compile", "the Gauss-Newton path (torch.func jvp/vjp) runs eagerly")
-        # PC layers forward a per-step cached W_eff (PCStep) and TSVD layers cached factors through a custom
-        # autograd.Function without a jvp rule: neither sees the parameters torch.func substitutes.
-        _require(m.linear == "dense", "model.linear", "Gauss-Newton supports dense layers only for now")
+        # Every model variant composes with GN (PC, TSVD, z-loss, norms); compile does not: dynamo refuses to
+        # trace a frame entered from inside a torch.func transform and then skips that frame for good.
+        _require(not m.compile, "model.compile",
+                 "Gauss-Newton builds its model with torch.func jvp/vjp, inside which torch.compile cannot trace "
+                 "('Unsupported functorch tracing attempt'): the model would fall back to eager there and, its "
+                 "forward frame then being skipped, in the line search and validation too; set model.compile=false")
 
     sp = cfg.monitor.spike
     _require(sp.window >= 2, "monitor.spike.window", "must be >= 2")

@@ -11,14 +11,16 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+import yaml
 from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.loggers.logger import DummyLogger
 
@@ -27,6 +29,7 @@ from pc_lightning.config import (ConfigError, ExperimentConfig, batches_per_step
                                  to_dict)
 from pc_lightning.data.datamodule import PretrainDataModule
 from pc_lightning.data.prepare import prepare
+from pc_lightning.distributed import lightning_strategy
 from pc_lightning.callbacks.run_metadata import MlflowRunInCheckpoint
 from pc_lightning.callbacks.throughput import TokenThroughput
 from pc_lightning.model import count_parameters, flops_per_token
@@ -143,6 +146,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None, extra_callbacks: lis
         run_id = logger.run_id  # creates the MLflow run (or reopens the resumed one)
         if ckpt_path is not None:
             mlflow_client.update_run(run_id, status="RUNNING")
+            _log_resume(mlflow_client, run_id, cfg, ckpt_path)
         else:
             _log_config(logger, cfg, prepared, module, total_steps, tokens_per_step)
     ckpt_dir = Path(cfg.trainer.checkpoint_dir) / cfg.name / (run_id or "run")
@@ -158,7 +162,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None, extra_callbacks: lis
 
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
-        strategy=cfg.trainer.strategy, precision=precision(cfg), max_steps=total_steps, max_epochs=-1,
+        strategy=lightning_strategy(cfg), precision=precision(cfg), max_steps=total_steps, max_epochs=-1,
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
         gradient_clip_val=cfg.optim.grad_clip or None if cfg.optim.name not in ("gn", "gn_layerwise") else None,
         val_check_interval=cfg.trainer.val_every * cfg.trainer.accumulate_grad_batches,
@@ -194,6 +198,14 @@ def train(cfg: ExperimentConfig, resume: str | None = None, extra_callbacks: lis
             mlflow_client.set_terminated(run_id, "FAILED")
     return RunResult(run_id=run_id or "", status=status, step=trainer.global_step, metrics=metrics,
                      checkpoint_dir=str(checkpoint.dirpath or ckpt_dir), message=message)
+
+
+def _log_resume(mlflow_client, run_id: str, cfg: ExperimentConfig, ckpt_path: Path) -> None:
+    """A resume may change the config (e.g. a longer trainer.max_steps): MLflow params are immutable, so the
+    run keeps its first config as params and config.yaml, and each resume adds its config as an artifact."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    mlflow_client.log_text(run_id, yaml.safe_dump(to_dict(cfg), sort_keys=False), f"resumes/config-{stamp}.yaml")
+    mlflow_client.set_tag(run_id, "pcl.resumed_from", str(ckpt_path))
 
 
 def _log_config(logger: MLFlowLogger, cfg: ExperimentConfig, prepared, module: PretrainModule, total_steps: int,

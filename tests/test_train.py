@@ -80,6 +80,19 @@ def test_resume_is_bit_identical(tiny_cfg):
         assert torch.equal(exp_a[i]["exp_avg"], exp_b[i]["exp_avg"])
 
 
+def test_resume_may_extend_the_run(tiny_cfg):
+    """Resuming a finished run with a larger trainer.max_steps continues the same MLflow run; the first config
+    stays its params, the resumed one is kept as an artifact."""
+    first = train(tiny_cfg(name="longer"), quiet=True)
+    assert first.status == "finished" and first.step == 6
+    longer = train(tiny_cfg(name="longer", **{"trainer.max_steps": 9}), resume="last", quiet=True)
+    assert longer.status == "finished" and longer.step == 9 and longer.run_id == first.run_id
+    run = client().get_run(first.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["trainer.max_steps"] == "6"
+    resumes = [a.path for a in client().list_artifacts(first.run_id, "resumes")]
+    assert len(resumes) == 1 and resumes[0].endswith(".yaml")
+
+
 def test_nan_loss_stops_naming_the_step(tiny_cfg):
     result = train(tiny_cfg(name="nan"), extra_callbacks=[PoisonAt(4)], quiet=True)
     assert result.status == "diverged"

@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from pc_lightning.distributed import full_parameters
 from pc_lightning.layers.tsvd_linear import TSVDLinear
 
 # Newton-Schulz is accepted when it reaches this error; otherwise the refresh falls back to QR. Kept ten
@@ -62,7 +63,8 @@ class OrthoRefresh(L.Callback):
         if timed and cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        error = refresh_all(pl_module, self.method)  # ends in a host sync
+        with full_parameters(trainer.strategy):  # FSDP: the retraction needs whole factors (one all-gather)
+            error = refresh_all(pl_module, self.method)  # ends in a host sync
         metrics = {"tsvd/ortho_error": error}
         if timed:
             metrics["tsvd/refresh_ms"] = (time.perf_counter() - start) * 1e3

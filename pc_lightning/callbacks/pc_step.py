@@ -18,10 +18,14 @@ so the chain rule through f needs to run once per step, after the micro-batches'
    so the optimizer step, validation and the next step see fresh weights.
 4. Validation computes W_eff once per validation run (no graph) and drops it afterwards.
 
-Under DDP the leaves' gradients are averaged over ranks before step 3 (the leaves are not parameters, so DDP does
-not reduce them); the PC parameters get no gradient inside the forward, so DDP needs
-``strategy: ddp_find_unused_parameters_true``. fp16 loss scaling is refused (the leaves' gradients would stay
-scaled); FSDP shards the raw weights and is not supported.
+Under DDP the leaves' gradients are averaged over ranks (one all-reduce) before step 3: the leaves are not
+parameters, so DDP does not reduce them, and the raw PC parameters get their gradient only at step 3, after DDP's
+backward. :meth:`PCStep.setup` therefore tells DDP to ignore the raw PC weights and gains (no
+``find_unused_parameters`` needed, no all-reduce of their zero gradients, which would double the traffic for
+those matrices); as DDP does not broadcast ignored parameters at wrapping, :meth:`PCStep.on_fit_start`
+broadcasts them from rank 0 itself. fp16 loss scaling is refused (the leaves' gradients would stay scaled).
+FSDP shards the raw weights outside the forward, so there PCStep is not used: the layers compute W_eff in their
+own forward (``model.pc.evaluate``, :func:`pc_lightning.distributed.pc_evaluation`).
 """
 
 from __future__ import annotations
@@ -32,12 +36,23 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from pc_lightning.layers.pc_linear import PCLinear, effective_weights, power_iteration
 
 
 def pc_layers(model: nn.Module) -> list[PCLinear]:
     return [m for m in model.modules() if isinstance(m, PCLinear)]
+
+
+def pc_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the raw PC weights and learnable gains, the parameters PCStep gives their gradient."""
+    return [name for name, param in model.named_parameters()
+            if isinstance(model.get_submodule(name.rpartition(".")[0]), PCLinear)]
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class PCStep(L.Callback):
@@ -50,6 +65,16 @@ class PCStep(L.Callback):
         if str(trainer.precision) == "16-mixed":
             raise ValueError("PCStep does not support fp16 loss scaling (precision 16-mixed); use bf16-mixed")
         self._layers = pc_layers(pl_module)
+        # Runs before the strategy wraps the module: DDP reads this list when it is built (and again when
+        # RankAdaptation rebuilds it).
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(pl_module, pc_parameter_names(pl_module))
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Same raw PC parameters on every rank (DDP broadcasts all other parameters when it wraps the model)."""
+        if distributed():
+            for layer in self._layers:
+                for param in layer.parameters():
+                    dist.broadcast(param.data, src=0)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         self.begin_step(bf16=str(trainer.precision) == "bf16-mixed")
@@ -83,7 +108,7 @@ class PCStep(L.Callback):
             return
         grads = [layer.step_weight.grad if layer.step_weight.grad is not None
                  else torch.zeros_like(layer.step_weight) for layer in self._layers]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if distributed():
             flat = torch.cat([g.reshape(-1) for g in grads])
             dist.all_reduce(flat)
             flat /= dist.get_world_size()

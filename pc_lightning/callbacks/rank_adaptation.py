@@ -19,17 +19,26 @@ Optimizer state (found through ``optimizer.state[param]``, in every part of a wr
   parameter's whole state is dropped, and the optimizer re-initialises it lazily at its next step.
 
 Logged at every check (and at the start of training): ``tsvd/rank/<layer name>`` and ``tsvd/parameters``
-(trainable parameters of the model). Rank changes alter parameter shapes, so they are meant for
-single-process runs: DDP/FSDP wrap parameters at setup and would need rebuilding, and a compiled model
-recompiles after each change.
+(trainable parameters of the model). A compiled model recompiles after each change.
+
+Under DDP: rank 0 decides the new ranks and broadcasts them (``trainer.strategy.broadcast``), so every rank
+resizes the same layers to the same ranks and remaps its optimizer state alike. The DDP wrapper's reducer was
+built for the old shapes (its buckets, and the parameters' gradient accumulators, which it keeps alive), so the
+wrapper is dropped before the resize and rebuilt afterwards (``DDPStrategy.configure_ddp``); building it
+broadcasts parameters and buffers from rank 0, which also makes the randomly drawn new directions of a grown
+layer identical on every rank. FSDP (flat, sharded parameters) does not support rank changes: the config
+refuses ``model.tsvd.rank_check_every > 0`` with ``trainer.strategy: fsdp``.
 """
 
 from __future__ import annotations
 
+import gc
 import numbers
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import Strategy
+from torch.nn.parallel import DistributedDataParallel
 
 from pc_lightning.callbacks.ortho_refresh import tsvd_layers
 from pc_lightning.config import TSVDConfig
@@ -72,6 +81,19 @@ def remap_state(optimizer: torch.optim.Optimizer, param: torch.nn.Parameter, old
     return "mapped"
 
 
+def unwrap_ddp(strategy: Strategy) -> bool:
+    """Drop the strategy's DistributedDataParallel wrapper, if any (rebuild it with ``configure_ddp``).
+
+    The wrapper's reducer holds the parameters' gradient accumulators, created for the old shapes; they must be
+    freed before a new wrapper looks them up again. The wrapper sits in reference cycles, hence ``gc.collect``.
+    """
+    if not isinstance(strategy.model, DistributedDataParallel):
+        return False
+    strategy.model = strategy.lightning_module
+    gc.collect()
+    return True
+
+
 class RankAdaptation(L.Callback):
     def __init__(self, cfg: TSVDConfig):
         self.cfg = cfg
@@ -87,26 +109,44 @@ class RankAdaptation(L.Callback):
         if step == self._last_step or step % self.cfg.rank_check_every:
             return
         self._last_step = step
-        self.adapt(pl_module.model, trainer.optimizers)
+        changes = trainer.strategy.broadcast(self.decide(pl_module.model), src=0)  # rank 0's decision for all
+        if changes:
+            rewrap = unwrap_ddp(trainer.strategy)
+            self.apply(pl_module.model, trainer.optimizers, changes)
+            if rewrap:
+                trainer.strategy.configure_ddp()
         self._log(trainer, pl_module)
 
     @torch.no_grad()
-    def adapt(self, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> dict[str, int]:
-        """Apply the rank rule to every TSVD layer of ``model``; returns {layer name: new rank} of changes."""
-        parts = base_optimizers(optimizers)
-        changed: dict[str, int] = {}
+    def decide(self, model: torch.nn.Module) -> dict[str, int]:
+        """{layer name: new rank} for the TSVD layers of ``model`` whose rank the energy rule changes."""
+        changes: dict[str, int] = {}
         for name, layer in tsvd_layers(model):
             rank = next_rank(layer.s, self.cfg.energy_threshold, layer.r_min, layer.r_max,
                              self.cfg.max_shrink_fraction, self.cfg.grow_fraction)
-            if rank == layer.rank:
+            if rank != layer.rank:
+                changes[name] = rank
+        return changes
+
+    @staticmethod
+    @torch.no_grad()
+    def apply(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], changes: dict[str, int]) -> None:
+        """Resize the named layers to their new ranks and remap their optimizer state."""
+        parts = base_optimizers(optimizers)
+        for name, layer in tsvd_layers(model):
+            if name not in changes:
                 continue
             old_shapes = {param: param.shape for param in (layer.U, layer.V, layer.s)}
-            keep = layer.resize(rank)
+            keep = layer.resize(changes[name])
             for param, rank_dim in ((layer.U, 1), (layer.V, 1), (layer.s, 0)):
                 for opt in parts:
                     remap_state(opt, param, old_shapes[param], keep, rank_dim)
-            changed[name] = rank
-        return changed
+
+    def adapt(self, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> dict[str, int]:
+        """Apply the rank rule to every TSVD layer of ``model`` (one process); returns the changes made."""
+        changes = self.decide(model)
+        self.apply(model, optimizers, changes)
+        return changes
 
     @staticmethod
     def _log(trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -13,10 +13,21 @@ from pc_lightning.config import ExperimentConfig
 def configured_callbacks(cfg: ExperimentConfig, module: L.LightningModule) -> list[L.Callback]:
     callbacks: list[L.Callback] = []
     # --- layers (PC once-per-step, TSVD refresh / rank adaptation, spectrum monitor) ---
-    if cfg.model.linear == "pc":  # first: its on_before_optimizer_step fills the PC gradients other hooks read
-        from pc_lightning.callbacks.pc_step import PCStep
+    if cfg.model.linear == "pc":
+        # Gauss-Newton differentiates the forward at parameters substituted by torch.func, which a per-step
+        # W_eff cache would hide: its module runs the power iteration itself, the forward computes W_eff.
+        if cfg.optim.name not in ("gn", "gn_layerwise"):
+            from pc_lightning.distributed import pc_evaluation
 
-        callbacks.append(PCStep(cfg.model.pc.bf16_matmuls))
+            if pc_evaluation(cfg) == "step":
+                from pc_lightning.callbacks.pc_step import PCStep
+
+                # first: its on_before_optimizer_step fills the PC gradients other hooks read
+                callbacks.append(PCStep(cfg.model.pc.bf16_matmuls))
+            else:  # model.pc.evaluate resolved to forward (FSDP): W_eff inside each layer's forward
+                from pc_lightning.layers.pc_linear import evaluate_in_forward
+
+                evaluate_in_forward(module)
         if cfg.model.pc.merge_on_end:
             from pc_lightning.callbacks.pc_merge import PCMerge
 

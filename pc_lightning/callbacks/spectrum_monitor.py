@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from pc_lightning.callbacks.activation_monitor import linear_layers
+from pc_lightning.distributed import full_parameters
 
 BOTTOM_FRACTION = 0.1
 
@@ -61,7 +62,8 @@ class SpectrumMonitor(L.Callback):
 
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_step = trainer.global_step
-        metrics = spectrum_metrics(pl_module.model)
+        with full_parameters(trainer.strategy, writeback=False):  # FSDP: whole matrices, on every rank
+            metrics = spectrum_metrics(pl_module.model)
         if metrics and trainer.is_global_zero and trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
 

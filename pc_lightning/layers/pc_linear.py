@@ -13,6 +13,15 @@ During training, :class:`pc_lightning.callbacks.pc_step.PCStep` evaluates W_eff 
 optimizer step (batched by shape, :func:`effective_weights`) and sets ``step_weight``, a detached leaf the
 forward uses; without it (evaluation, standalone use) the forward computes W_eff itself. Training without
 the callback must call :func:`power_iteration` once per optimizer step, or σ̂ goes stale.
+
+Per-forward mode (``evaluate_in_forward``, set by :func:`evaluate_in_forward` when ``model.pc.evaluate``
+resolves to ``forward``, e.g. under FSDP, whose raw weights are whole only inside the forward): every training
+forward (module in training mode, gradients enabled) first refines σ̂ by ``power_iters`` power-iteration
+steps, then computes W_eff with its graph to W and γ. With one micro-batch per optimizer step this is the
+same computation as the PCStep path; with gradient accumulation σ̂ is refined once per micro-batch (the
+weights do not change between them, so only the estimate's convergence differs) and the polynomial's
+forward and backward run per micro-batch. The polynomial then runs in the ambient autocast dtype
+(``bf16_matmuls`` applies to the PCStep path only).
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ class PCLinear(nn.Module):
         self.power_iters = cfg.power_iters
         self.eps = cfg.eps
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        gamma = torch.tensor(float(cfg.gamma_init))
+        gamma = torch.full((1,), float(cfg.gamma_init))  # shape (1,), not a scalar: FSDP refuses 0-dim parameters
         if cfg.learnable_gamma:
             self.gamma = nn.Parameter(gamma)
         else:
@@ -51,6 +60,8 @@ class PCLinear(nn.Module):
         self.register_buffer("v", F.normalize(torch.randn(in_features), dim=0))
         # W_eff of the current optimizer step, a leaf requiring grad; set and cleared by the PCStep callback.
         self.step_weight: torch.Tensor | None = None
+        # Per-forward mode: power iteration in every training forward (no PCStep); see the module docstring.
+        self.evaluate_in_forward = False
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, level={self.level}, "
@@ -61,13 +72,30 @@ class PCLinear(nn.Module):
         nn.init.normal_(self.weight, mean=0.0, std=std)
         power_iteration([self], INIT_POWER_ITERS)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Checkpoints written before γ became shape (1,) hold it as a 0-dim tensor.
+        gamma = state_dict.get(prefix + "gamma")
+        if gamma is not None and gamma.ndim == 0:
+            state_dict[prefix + "gamma"] = gamma.reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def effective_weight(self) -> torch.Tensor:
         """W_eff (out, in) in fp32 (fp64 for an fp64 layer) from the current u, v; what merge and monitors read."""
         return effective_weights([self])[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.step_weight if self.step_weight is not None else self.effective_weight()
-        return F.linear(x, w.to(x.dtype))
+        if self.step_weight is not None:
+            return F.linear(x, self.step_weight.to(x.dtype))
+        if self.evaluate_in_forward and self.training and torch.is_grad_enabled():
+            power_iteration([self])
+        return F.linear(x, self.effective_weight().to(x.dtype))
+
+
+def evaluate_in_forward(model: nn.Module) -> None:
+    """Switch every PC layer of ``model`` to per-forward mode (W_eff and power iteration in each training forward)."""
+    for layer in model.modules():
+        if isinstance(layer, PCLinear):
+            layer.evaluate_in_forward = True
 
 
 def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -117,7 +145,7 @@ def effective_weights(layers: Sequence[PCLinear]) -> list[torch.Tensor]:
         group = [layers[i] for i in idx]
         first = group[0]
         w = torch.stack([layer.weight for layer in group])
-        gamma = at_least_fp32(torch.stack([layer.gamma for layer in group]))
+        gamma = at_least_fp32(torch.cat([layer.gamma.reshape(1) for layer in group]))
         with torch.autocast(device_type=w.device.type, enabled=False):  # fp32 normaliser
             w = at_least_fp32(w)
             if first.normalizer == "spectral":

@@ -23,7 +23,7 @@ How orthonormality and gradients are reconciled here:
   Newton-Schulz polar steps X ← X(3I − XᵀX)/2, ``ortho_method``). Every forward uses the *cached* copies,
   so ‖UᵀU − I‖∞ stays at round-off at every forward, between refreshes too.
 * Gradients reach the raw parameters by a straight-through map: the forward value is the cached factor,
-  the backward passes ∂L/∂U_ortho to ``U`` unchanged (:class:`_StraightThrough`). The optimizer thus takes
+  the backward passes ∂L/∂U_ortho to ``U`` unchanged (:func:`straight_through`). The optimizer thus takes
   an unconstrained step from the orthonormal point, and :meth:`TSVDLinear.refresh` (called after the
   optimizer step by :class:`pc_lightning.callbacks.ortho_refresh.OrthoRefresh`, every
   ``refresh_every`` steps) orthonormalises the raw factor and *writes it back* into the parameter: a
@@ -58,16 +58,19 @@ from torch import nn
 from pc_lightning.config import TSVDConfig
 
 
-class _StraightThrough(torch.autograd.Function):
-    """Forward: the cached orthonormal factor. Backward: its gradient goes to the raw parameter as is."""
+def straight_through(raw: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
+    """The value of ``cached`` with the derivative of ``raw``: cached + (raw − sg(raw)).
 
-    @staticmethod
-    def forward(ctx, raw: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
-        return cached.view_as(cached)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad, None
+    raw − sg(raw) is exactly zero in floating point (x − x = 0 for every finite x), so the forward applies
+    the cached orthonormal factor bit for bit, while ∂/∂raw is the identity: the gradient of the cached
+    factor goes to the raw parameter as is. Written as plain tensor ops rather than a custom
+    ``autograd.Function`` so that every ``torch.func`` transform sees the same map: ``functional_call``
+    with substituted raw factors reaches it, and ``jvp`` / ``vjp`` / ``jacrev`` (the Gauss-Newton model,
+    :mod:`pc_lightning.optim.gauss_newton`) need no hand-written rules. The cost is two elementwise ops on
+    the r(m + n) factor entries per forward, negligible beside the matmuls. (A non-finite raw factor makes
+    the forward non-finite too, which the divergence check then reports.)
+    """
+    return cached + (raw - raw.detach())
 
 
 def orthonormality_error(q: torch.Tensor) -> torch.Tensor:
@@ -215,7 +218,7 @@ class TSVDLinear(nn.Module):
     # ------------------------------------------------------------------ forward
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(U, s, V) as the forward uses them: cached orthonormal values, gradients to the raw parameters."""
-        return _StraightThrough.apply(self.U, self.U_ortho), self.s, _StraightThrough.apply(self.V, self.V_ortho)
+        return straight_through(self.U, self.U_ortho), self.s, straight_through(self.V, self.V_ortho)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u, s, v = self.factors()

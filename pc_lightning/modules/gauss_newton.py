@@ -5,12 +5,16 @@ training dataloader (:class:`GaussNewtonDataModule`) yields them stacked as one 
 tensor: the same windows, in the same order, that ``inner_steps + 1`` plain batches would be, so a resumed
 run continues with exactly the batches an uninterrupted one would see.
 
-1. fix θ_t and forget the inner optimizer's state (each outer step solves a new quadratic problem);
+1. fix θ_t and forget the inner optimizer's state (each outer step solves a new quadratic problem); PC
+   layers refine σ̂ (:func:`~pc_lightning.layers.pc_linear.power_iteration`) here, once per outer step, at θ_t;
 2. for each of the first ``inner_steps`` batches, build the GN model M(Δ) of that batch's loss around θ_t
    (:class:`~pc_lightning.optim.gauss_newton.GaussNewtonModel`) and take one step of the inner optimizer
    (``inner_optimizer`` = adamw | muon, learning rate ``inner_lr``) on θ = θ_t + Δ with the gradient ∇M(Δ);
-3. line search: on the last batch, evaluate the true loss at θ_t + α (θ̂ − θ_t) for α in ``line_search``
-   and keep the lowest;
+3. line search: on the last batch, evaluate the true loss (cross-entropy + z-loss, as trained) at
+   θ_t + α (θ̂ − θ_t) for α in ``line_search`` and keep the lowest. TSVD layers are evaluated as they will
+   forward after the step: retracted (orthonormalised raw factors) when
+   :class:`~pc_lightning.callbacks.ortho_refresh.OrthoRefresh` refreshes at this step, else with the cached
+   factors;
 4. commit θ_{t+1} = θ_t + α (θ̂ − θ_t) as one SGD step of size α along θ_t − θ̂ (the ``outer``
    optimizer): that is what Lightning counts as the optimizer step, checkpoints and schedules around.
 
@@ -25,10 +29,19 @@ the other groups have reached). The merged update is the concatenation θ̂ − 
 the groups' models only couple through θ_t, this is the minimiser of the block-diagonal GN model (no
 cross-block curvature) and does not depend on the order of the groups. One line search follows, as above.
 
-Logged per outer step: ``train/loss`` (loss at θ_t on the first batch, as in plain training),
-``gn/outer_step``, ``gn/inner_steps`` (inner iterations run, summed over groups), ``gn/alpha``,
-``gn/true_loss`` (loss after the step on the line-search batch) and ``gn/model_loss`` (the GN model's
-prediction of that same quantity, M(α Δ̂), summed over the groups' models for the layer-wise variant).
+Model variants: the GN model differentiates the forward with ``torch.func`` at substituted parameters, so
+PC layers run without the per-step W_eff cache of :class:`~pc_lightning.callbacks.pc_step.PCStep` (not
+registered for GN runs: the forward computes W_eff from ``weight``), TSVD layers use a straight-through map
+that ``torch.func`` differentiates (:func:`~pc_lightning.layers.tsvd_linear.straight_through`), and
+OrthoRefresh / RankAdaptation run after each outer step (``on_train_batch_end``, with ``global_step``
+counting outer steps); a rank change resizes the Parameters in place, so both optimizers keep pointing at
+them (the outer SGD holds no state, the inner state is reset every outer step anyway).
+
+Logged per outer step: ``train/loss`` (cross-entropy at θ_t on the first batch, as in plain training;
+``train/log_z`` too with z-loss), ``gn/outer_step``, ``gn/inner_steps`` (inner iterations run, summed over
+groups), ``gn/alpha``, ``gn/true_loss`` (training loss, z-loss included, after the step on the line-search
+batch) and ``gn/model_loss`` (the GN model's prediction of that same quantity, M(α Δ̂), summed over the
+groups' models for the layer-wise variant).
 """
 
 from __future__ import annotations
@@ -39,7 +52,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from pc_lightning.callbacks.ortho_refresh import refresh_all, tsvd_layers
+from pc_lightning.callbacks.pc_step import pc_layers
 from pc_lightning.data.datamodule import PretrainDataModule
+from pc_lightning.layers.pc_linear import power_iteration
 from pc_lightning.modules.pretrain import PretrainModule, next_token_loss
 from pc_lightning.optim.factory import build_inner_optimizer
 from pc_lightning.optim.gauss_newton import GaussNewtonModel, reset_optimizer_state
@@ -77,12 +93,16 @@ class GaussNewtonModule(PretrainModule):
         groups = self.solve_groups()
 
         reset_optimizer_state(inner.optimizer)
+        power_iteration(pc_layers(self.model))  # σ̂ = uᵀWv with u, v fixed for this outer step
         for group in groups:
             for i, batch in enumerate(batches[:-1]):
-                gn = GaussNewtonModel(self.model, theta_t, group, batch[:, :-1], batch[:, 1:], o.damping)
+                gn = GaussNewtonModel(self.model, theta_t, group, batch[:, :-1], batch[:, 1:], o.damping,
+                                      self.cfg.model.z_loss)
                 if i == 0 and group is groups[0]:
-                    self.check_divergence(gn.loss0)
-                    self.log("train/loss", gn.loss0, on_step=True, prog_bar=True)
+                    self.check_divergence(gn.ce0)
+                    self.log("train/loss", gn.ce0, on_step=True, prog_bar=True)
+                    if gn.log_z0 is not None:
+                        self.log("train/log_z", gn.log_z0, on_step=True)
                 _, grads = gn.value_and_grad({n: params[n].detach() - theta_t[n] for n in group})
                 for n in group:
                     params[n].grad = grads[n]
@@ -108,13 +128,25 @@ class GaussNewtonModule(PretrainModule):
     @torch.no_grad()
     def line_search(self, theta_t: dict[str, torch.Tensor], direction: dict[str, torch.Tensor],
                     batch: torch.Tensor) -> tuple[float, float]:
-        """(α, loss) with the lowest true loss at θ_t + α·direction on ``batch`` over α in ``line_search``."""
+        """(α, loss) with the lowest true loss at θ_t + α·direction on ``batch`` over α in ``line_search``.
+
+        The parameters are left at the last α tried (the caller restores θ_t); TSVD caches are restored here.
+        """
+        tsvd = self.cfg.model.tsvd
+        layers = [layer for _, layer in tsvd_layers(self.model)]
+        retract = bool(layers) and (self.global_step + 1) % tsvd.refresh_every == 0  # OrthoRefresh's schedule
+        caches = [(layer.U_ortho.clone(), layer.V_ortho.clone()) for layer in layers] if retract else []
         losses = []
         for alpha in self.cfg.optim.line_search:
             for n, p in self.model.named_parameters():
                 p.copy_(theta_t[n] + alpha * direction[n])
-            _, ce, _ = next_token_loss(self.model(batch[:, :-1]), batch[:, 1:])
-            losses.append(float(ce))
+            if retract:
+                refresh_all(self.model, tsvd.ortho_method)
+            loss, _, _ = next_token_loss(self.model(batch[:, :-1]), batch[:, 1:], self.cfg.model.z_loss)
+            losses.append(float(loss))
+        for layer, (u, v) in zip(layers, caches):
+            layer.U_ortho.copy_(u)
+            layer.V_ortho.copy_(v)
         best = min(range(len(losses)), key=lambda i: losses[i] if math.isfinite(losses[i]) else math.inf)
         return self.cfg.optim.line_search[best], losses[best]
 
@@ -123,7 +155,8 @@ class GaussNewtonModule(PretrainModule):
         """The GN model's prediction M(α Δ̂) of the loss on ``batch`` (block-diagonal sum for gn_layerwise)."""
         total = None
         for group in groups:
-            gn = GaussNewtonModel(self.model, theta_t, group, batch[:, :-1], batch[:, 1:], self.cfg.optim.damping)
+            gn = GaussNewtonModel(self.model, theta_t, group, batch[:, :-1], batch[:, 1:], self.cfg.optim.damping,
+                                  self.cfg.model.z_loss)
             (value,) = gn.value({n: direction[n] for n in group}, alphas=(alpha,))
             total = value if total is None else total + value - gn.loss0
         return float(total)

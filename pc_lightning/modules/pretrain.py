@@ -11,6 +11,7 @@ the run is recorded as diverged (see :mod:`pc_lightning.train`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -49,7 +50,7 @@ class PretrainModule(L.LightningModule):
         super().__init__()
         # The resolved config (a plain dict) is saved into every checkpoint, so a checkpoint alone
         # rebuilds the module: PretrainModule.load_from_checkpoint(path).
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # MLflow params: train._log_config (flat keys)
         self.cfg: ExperimentConfig = from_dict(config)
         self.total_steps = total_steps
         self.model = Llama(self.cfg.model)
@@ -76,7 +77,10 @@ class PretrainModule(L.LightningModule):
         return loss
 
     def check_divergence(self, ce: torch.Tensor) -> None:
-        value = float(ce.detach())  # one host sync per step; the run's cost of not losing a diverged run
+        ce = ce.detach()
+        if self._trainer is not None:  # decide on the global batch's mean loss, so that all DDP ranks stop together
+            ce = self.trainer.strategy.reduce(ce.clone(), reduce_op="mean")  # (all_reduce is in place)
+        value = float(ce)  # one host sync per step; the run's cost of not losing a diverged run
         step = self.trainer.global_step if self._trainer is not None else 0
         if not math.isfinite(value):
             raise Diverged(step, value, "loss is not finite")
@@ -106,10 +110,27 @@ class PretrainModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
-        optimizer = build_optimizer(self.model, self.cfg.optim)
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        # Under FSDP the parameters are flat 1-D shards at this point, and the factory groups them by shape
+        # (weight decay on matrices): build it while FSDP shows the full parameters (same Parameter objects).
+        wrapped = self.trainer.model if self._trainer is not None else None
+        with (FullyShardedDataParallel.summon_full_params(wrapped, writeback=False)
+              if isinstance(wrapped, FullyShardedDataParallel) else contextlib.nullcontext()):
+            optimizer = build_optimizer(self.model, self.cfg.optim)
         scheduler = build_scheduler(optimizer, self.total_steps, self.cfg.optim.warmup_fraction,
                                     self.cfg.optim.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Under FSDP each rank holds a shard of the gradients: the global norm needs the root FSDP module's
+        # clip_grad_norm_ (Lightning's FSDP precision plugin refuses norm clipping for that reason).
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if gradient_clip_val and isinstance(self.trainer.model, FullyShardedDataParallel):
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_fit_start(self) -> None:
         if self.logger is not None and self.global_step == 0:

@@ -1,0 +1,67 @@
+"""What ``trainer.strategy`` becomes in ``L.Trainer(strategy=...)``, and how PC / TSVD layers run under it.
+
+Supported (tested on 2 CPU processes with gloo, tests/test_distributed.py):
+
+* ``ddp``: every linear kind. PC layers keep their once-per-optimizer-step evaluation
+  (:class:`pc_lightning.callbacks.pc_step.PCStep`): the forward uses a detached leaf W_eff, so DDP never sees
+  a gradient for the raw PC weights; PCStep averages the leaves' gradients over ranks itself and tells DDP to
+  ignore the raw PC weights and γ (no ``find_unused_parameters``, no wasted all-reduce of zero gradients).
+  TSVD rank changes are decided on rank 0, broadcast, applied on every rank, and the DDP wrapper is rebuilt
+  around the resized parameters (:class:`pc_lightning.callbacks.rank_adaptation.RankAdaptation`).
+* ``fsdp``: FSDP shards the raw weights, so W_eff cannot be computed outside the forward: PC layers evaluate
+  W_eff (and their power iteration) inside their own forward (``model.pc.evaluate: forward``, chosen by
+  ``auto``), each transformer block is one FSDP unit, and checkpoints hold the full (gathered) state dict.
+  TSVD runs at a fixed rank only (``model.tsvd.rank_check_every: 0``, enforced by config validation); its
+  orthonormal refresh and the spectrum monitor gather the full parameters (:func:`full_parameters`) when they run.
+  Config validation also refuses, under FSDP, optimizers that need whole matrices (Muon, SOAP, Gauss-Newton),
+  ``model.pc.evaluate: step`` and ``model.pc.merge_on_end`` (merge the checkpoint afterwards instead).
+
+Lightning 2.6.6 runs FSDP on GPUs only; the tests run torch's FSDP on CPU processes through a test-only subclass
+(tests/distributed_worker.py). Not covered by tests: FSDP checkpoint save/resume (Lightning's full-state-dict
+gather with ``offload_to_cpu`` crashes on CPU tensors) and anything on GPUs/NCCL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from lightning.pytorch.strategies import FSDPStrategy, Strategy
+from torch.distributed.fsdp import FullyShardedDataParallel
+
+from pc_lightning.config import ExperimentConfig
+
+
+def is_fsdp(strategy: str) -> bool:
+    return strategy.startswith("fsdp")
+
+
+def pc_evaluation(cfg: ExperimentConfig) -> str:
+    """``step`` (PCStep: W_eff once per optimizer step, outside the forward) or ``forward`` (in each forward)."""
+    if cfg.model.pc.evaluate != "auto":
+        return cfg.model.pc.evaluate
+    return "forward" if is_fsdp(cfg.trainer.strategy) else "step"
+
+
+def lightning_strategy(cfg: ExperimentConfig) -> str | Strategy:
+    """The ``strategy`` argument of ``L.Trainer`` for ``cfg.trainer.strategy``.
+
+    ``fsdp`` -> :class:`FSDPStrategy` with each transformer block as one FSDP unit (its weights are gathered for
+    that block's forward and backward only) and full-state-dict checkpoints (one ``last.ckpt`` file, which
+    ``--resume`` and ``pcl merge`` read). Everything else (``auto``, ``ddp``, ``ddp_spawn``, ...) is passed to
+    Lightning unchanged: DDP needs no extra options for any linear kind (no ``find_unused_parameters``: PCStep
+    hides the raw PC weights from DDP itself).
+    """
+    name = cfg.trainer.strategy
+    if name == "fsdp":
+        from pc_lightning.model.llama import Block
+
+        return FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full")
+    return name
+
+
+def full_parameters(strategy: Strategy, writeback: bool = True) -> contextlib.AbstractContextManager:
+    """Under FSDP: show every rank the full (gathered) parameters, written back to the shards on exit if
+    ``writeback``. Elsewhere: nothing to do. For code that reads or changes weights outside the forward."""
+    if isinstance(strategy.model, FullyShardedDataParallel):
+        return FullyShardedDataParallel.summon_full_params(strategy.model, writeback=writeback)
+    return contextlib.nullcontext()

@@ -1,0 +1,240 @@
+"""Multi-process training (DDP, FSDP) of dense, PC and TSVD models on 2 CPU processes with gloo.
+
+The ranks run tests/distributed_worker.py under torchrun (``python -m torch.distributed.run --standalone``). Each
+rank reads ``data.batch_size`` windows per step, and the data module gives rank r the global sample indices
+``start + j·world + r``, so 2 ranks × batch 4 see exactly the windows of 1 process × batch 8, and DDP/FSDP average
+the two ranks' mean losses into that batch's mean: after the same steps the parameters must agree.
+
+Overrides shared by every comparison: ``optim.warmup_fraction=0`` (a first step at lr 0 would hide any gradient
+difference) and ``optim.eps=1e-3``. Adam's first step is about lr·sign(g); with eps = 1e-8 a round-off difference
+of 1e-10 in a near-zero gradient entry can move that weight by up to lr, so the comparison would test round-off,
+not the distributed logic. With eps = 1e-3 the update is a smooth function of the gradient.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pc_lightning.config import ConfigError, load_config
+from pc_lightning.data.prepare import prepare
+from pc_lightning.distributed import lightning_strategy, pc_evaluation
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("distributed_worker.py")
+TIMEOUT_S = 240  # a hung collective fails the test instead of the suite
+
+
+def tiny(data_cache: str, **extra) -> list[str]:
+    items = {
+        "model.d_model": 32, "model.n_layers": 2, "model.n_heads": 2, "model.d_ff": 64, "model.max_seq_len": 64,
+        "data.vocab_size": 512, "data.seq_len": 32, "data.val_batches": 2, "data.cache_dir": data_cache,
+        "trainer.max_steps": 3, "trainer.progress_bar": False, "optim.warmup_fraction": 0, "optim.eps": 1e-3,
+    }
+    items.update(extra)
+    return [f"{k}={v}" for k, v in items.items()]
+
+
+@pytest.fixture(scope="module")
+def prepared_cache(data_cache) -> str:
+    """Prepare the data once here, so that the ranks only read the cache (no two processes write it)."""
+    prepare(load_config(ROOT / "conf" / "baseline.yaml", tiny(data_cache)).data)
+    return data_cache
+
+
+def launch(out: Path, nproc: int, overrides: list[str]) -> list[dict]:
+    """Run the worker on ``nproc`` processes; returns each rank's record (parameters, losses, TSVD ranks)."""
+    out.mkdir(parents=True)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    cmd = [*launcher, str(WORKER), "fit", "--out", str(out), *overrides, f"trainer.devices={nproc}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return [torch.load(out / f"rank{r}.pt") for r in range(nproc)]
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].numel())
+
+
+def assert_same_on_every_rank(ranks: list[dict]) -> None:
+    for other in ranks[1:]:
+        assert other["params"].keys() == ranks[0]["params"].keys()
+        for key, value in ranks[0]["params"].items():
+            assert torch.equal(value, other["params"][key]), f"{key} differs between ranks"
+
+
+def assert_matches_one_process(ranks: list[dict], single: dict, atol: float = 1e-6) -> None:
+    assert max_difference(ranks[0]["params"], single["params"]) <= atol
+    # the global batch's loss is the mean of the ranks' losses over equal-sized shards
+    mean_losses = [sum(r["losses"][i] for r in ranks) / len(ranks) for i in range(len(single["losses"]))]
+    assert all(math.isfinite(x) for x in mean_losses)
+    assert mean_losses == pytest.approx(single["losses"], abs=1e-5)
+
+
+CASES = {
+    # name: (overrides of both runs, overrides of the two-rank run only)
+    "dense-ddp": ({}, {"trainer.strategy": "ddp"}),
+    "pc-ddp": ({"model.linear": "pc"}, {"trainer.strategy": "ddp"}),
+    "pc-ddp-accumulate": ({"model.linear": "pc"},
+                          {"trainer.strategy": "ddp", "trainer.accumulate_grad_batches": 2, "data.batch_size": 2}),
+    "dense-fsdp": ({}, {"trainer.strategy": "fsdp"}),
+    "pc-fsdp": ({"model.linear": "pc"}, {"trainer.strategy": "fsdp"}),
+    "tsvd-fsdp": ({"model.linear": "tsvd", "model.tsvd.rank_check_every": 0}, {"trainer.strategy": "fsdp"}),
+    "tsvd-ddp-rank-change": ({"model.linear": "tsvd", "model.tsvd.rank_check_every": 2,
+                              "model.tsvd.energy_threshold": 0.5, "trainer.max_steps": 4}, {"trainer.strategy": "ddp"}),
+}
+
+
+@pytest.mark.parametrize("case", [pytest.param("pc-ddp")] + [
+    pytest.param(name, marks=pytest.mark.slow) for name in CASES if name != "pc-ddp"])
+def test_two_ranks_match_one_process(case, prepared_cache, tmp_path):
+    """2 ranks × batch 4 end with the parameters of 1 process × batch 8 (≤ 1e-6), identical on both ranks.
+
+    PC under DDP uses PCStep (W_eff once per step, its gradient all-reduced by PCStep, raw weights hidden from
+    DDP), also with gradient accumulation; PC under FSDP computes W_eff in each layer's forward and is compared
+    with the single-process PCStep run. The TSVD case shrinks every layer's rank at step 2 and 4.
+    """
+    both, multi = CASES[case]
+    single = launch(tmp_path / "single", 1, tiny(prepared_cache, **both, **{"data.batch_size": 8}))[0]
+    ranks = launch(tmp_path / "multi", 2, tiny(prepared_cache, **both, **{"data.batch_size": 4, **multi}))
+    assert ranks[0]["strategy"] == ("DDPStrategy" if multi["trainer.strategy"] == "ddp" else "CPUFSDPStrategy")
+    assert_same_on_every_rank(ranks)
+    if multi.get("trainer.accumulate_grad_batches", 1) > 1:  # per-micro-batch losses: compare parameters only
+        assert max_difference(ranks[0]["params"], single["params"]) <= 1e-6
+    else:
+        assert_matches_one_process(ranks, single)
+    if case == "tsvd-ddp-rank-change":
+        trajectory = [r["model.blocks.0.attn.q"] for r in ranks[0]["ranks"]]
+        assert trajectory == [16, 8, 8, 4]  # rank 0.5·32 at init, halved (max_shrink_fraction) at steps 2 and 4
+
+
+@pytest.mark.slow
+def test_tsvd_rank_growth_under_ddp_keeps_ranks_identical(prepared_cache, tmp_path):
+    """A grown layer gets random new directions; after the DDP wrapper is rebuilt (which broadcasts rank 0's
+    parameters and buffers) both ranks hold identical parameters and training goes on with finite losses."""
+    ranks = launch(tmp_path / "multi", 2, tiny(prepared_cache, **{
+        "model.linear": "tsvd", "model.tsvd.rank_check_every": 2, "model.tsvd.energy_threshold": 1.0,
+        "trainer.max_steps": 4, "data.batch_size": 4, "trainer.strategy": "ddp"}))
+    trajectory = [r["model.blocks.0.attn.q"] for r in ranks[0]["ranks"]]
+    assert trajectory == [16, 20, 20, 16]  # grown by grow_fraction, then the unused (s = 0) directions dropped
+    assert all(math.isfinite(x) for r in ranks for x in r["losses"])
+    assert_same_on_every_rank(ranks)
+
+
+def test_pc_forward_mode_equals_step_mode(prepared_cache, tmp_path):
+    """The FSDP path (W_eff and power iteration in each forward, no PCStep) trains exactly like PCStep, 1 process."""
+    from distributed_worker import fit_run
+
+    runs = {}
+    threads = torch.get_num_threads()  # fit_run() sets one thread, as each rank does
+    for mode in ("step", "forward"):
+        out = tmp_path / mode
+        out.mkdir()
+        fit_run(str(out), tiny(prepared_cache, **{"model.linear": "pc", "model.pc.evaluate": mode,
+                                                  "data.batch_size": 4, "trainer.devices": 1}))
+        runs[mode] = torch.load(out / "rank0.pt")
+    torch.set_num_threads(threads)
+    assert max_difference(runs["step"]["params"], runs["forward"]["params"]) <= 1e-6
+    assert runs["step"]["losses"] == pytest.approx(runs["forward"]["losses"], abs=1e-6)
+
+
+def test_strategy_and_pc_mode_follow_the_config(tiny_cfg):
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from pc_lightning.model.llama import Block
+
+    assert lightning_strategy(tiny_cfg()) == "auto"
+    ddp = tiny_cfg(**{"model.linear": "pc", "trainer.strategy": "ddp"})
+    assert lightning_strategy(ddp) == "ddp" and pc_evaluation(ddp) == "step"
+    fsdp = tiny_cfg(**{"model.linear": "pc", "trainer.strategy": "fsdp"})
+    strategy = lightning_strategy(fsdp)
+    assert isinstance(strategy, FSDPStrategy) and pc_evaluation(fsdp) == "forward"
+    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Block}
+    assert pc_evaluation(tiny_cfg(**{"model.linear": "pc", "model.pc.evaluate": "forward"})) == "forward"
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"model.linear": "pc", "model.pc.evaluate": "step"}, "model.pc.evaluate"),
+    ({"model.linear": "pc", "model.pc.merge_on_end": True}, "model.pc.merge_on_end"),
+    ({"model.linear": "tsvd", "model.tsvd.rank_check_every": 10}, "model.tsvd.rank_check_every"),
+    ({"optim.name": "muon"}, "optim.name"),
+])
+def test_fsdp_refuses_what_needs_whole_matrices(tiny_cfg, overrides, key):
+    with pytest.raises(ConfigError) as err:
+        tiny_cfg(**{"trainer.strategy": "fsdp", **overrides})
+    assert err.value.key == key
+    tiny_cfg(**{"trainer.strategy": "ddp", **overrides})  # fine under DDP
+
+
+def torchrun(results_dir: Path, *args: str) -> None:
+    """``python -m torch.distributed.run --standalone --nproc_per_node=2 ARGS``, MLflow and checkpoints in results_dir."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PCL_RESULTS_DIR": str(results_dir)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+def mlflow_runs(results_dir: Path, name: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{(results_dir / 'mlflow.db').resolve()}")
+    experiment = client.get_experiment_by_name("pc-lightning")
+    return client.search_runs([experiment.experiment_id], f"tags.`pcl.name` = '{name}'")
+
+
+def last_checkpoint(results_dir: Path, name: str) -> dict:
+    (path,) = (results_dir / "checkpoints" / name).glob("*/last.ckpt")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def ddp_overrides(data_cache: str, results_dir: Path, **extra) -> list[str]:
+    from conftest import tiny_overrides
+
+    return tiny_overrides(data_cache, results_dir, **{
+        "trainer.accelerator": "cpu", "trainer.devices": 2, "trainer.strategy": "ddp", "trainer.max_steps": 4,
+        "trainer.checkpoint_every": 2, "trainer.val_every": 2, **extra})
+
+
+TSVD_RANK_CHANGES = {"model.linear": "tsvd", "model.tsvd.rank_check_every": 2, "model.tsvd.energy_threshold": 0.5}
+
+
+@pytest.mark.slow
+def test_pcl_train_under_torchrun_ddp_tracks_one_run(prepared_cache, results_dir):
+    """`torchrun --nproc_per_node 2 -m pc_lightning.cli train` of a PC model: one MLflow run, FINISHED."""
+    torchrun(results_dir, "-m", "pc_lightning.cli", "train", "--config", str(ROOT / "conf" / "baseline.yaml"),
+             *ddp_overrides(prepared_cache, results_dir, name="pc", **{"model.linear": "pc"}))
+    (run,) = mlflow_runs(results_dir, "pc")
+    assert run.info.status == "FINISHED" and run.data.tags["status"] == "finished"
+    assert math.isfinite(run.data.metrics["train/loss"]) and math.isfinite(run.data.metrics["val/loss"])
+    assert last_checkpoint(results_dir, "pc")["global_step"] == 4
+
+
+@pytest.mark.slow
+def test_resume_across_a_rank_change_under_ddp(prepared_cache, results_dir):
+    """TSVD on 2 ranks, ranks changing at steps 2 and 4: a run interrupted after step 2 (pc_lightning.train.train
+    with StopAt, as in tests/test_train.py; its checkpoint is written after the rank change) resumes with
+    ``--resume last``, continues its one MLflow run, and ends where the uninterrupted `pcl train` run ends."""
+    torchrun(results_dir, "-m", "pc_lightning.cli", "train", "--config", str(ROOT / "conf" / "baseline.yaml"),
+             *ddp_overrides(prepared_cache, results_dir, name="straight", **TSVD_RANK_CHANGES))
+    straight = last_checkpoint(results_dir, "straight")
+    split = ddp_overrides(prepared_cache, results_dir, name="split", **TSVD_RANK_CHANGES)
+    torchrun(results_dir, str(WORKER), "train", "--stop-at", "2", *split)
+    interrupted = last_checkpoint(results_dir, "split")
+    assert interrupted["global_step"] == 2 and interrupted["state_dict"]["model.blocks.0.attn.q.s"].shape == (8,)
+    torchrun(results_dir, str(WORKER), "train", "--resume", "last", *split)
+    (run,) = mlflow_runs(results_dir, "split")
+    assert run.info.status == "FINISHED"
+    resumed = last_checkpoint(results_dir, "split")
+    assert resumed["global_step"] == straight["global_step"] == 4
+    assert resumed["state_dict"]["model.blocks.0.attn.q.s"].shape == (4,)
+    for key, value in straight["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=1e-6)

@@ -3,7 +3,7 @@
     pcl train   --config conf/experiment/baseline.yaml [key.path=value ...] [--resume last|CKPT]
     pcl prepare --config ...            prepare (tokenize and cache) the data only
     pcl merge   CKPT [--out DIR]        PC/TSVD checkpoint -> plain dense checkpoint (+ HF Llama export)
-    pcl sweep   sweeps/NAME.yaml [--workers N]
+    pcl sweep   sweeps/NAME.yaml [--workers N] [--storage URL] [--worker-index I]
     pcl ablate  conf/ablation/NAME.yaml
     pcl report  NAME                    re-render an ablation's or study's summary from MLflow/Optuna
 """
@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes on this machine")
     p.add_argument("--n-trials", type=int, help="override the file's n_trials")
     p.add_argument("--storage", help="override the file's storage URL (sqlite:///..., postgresql://..., journal path)")
+    p.add_argument("--worker-index", type=int, default=0,
+                   help="number of this command among those joining one study from several machines or torchrun "
+                        "jobs (offsets the sampler seed so that they do not propose the same points)")
     p.add_argument("overrides", nargs="*", metavar="key.path=value",
                    help="overrides applied to the base config of every trial")
 
@@ -74,8 +77,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Options may also come after the overrides (``pcl sweep SPEC a=1 --storage URL b=2``): argparse ends the
+    positional list at the first option, so the overrides it leaves over are appended here."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return _dispatch(args)
     except ConfigError as e:
@@ -123,7 +138,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from pc_lightning.sweep.study import run_sweep
 
         return run_sweep(args.spec, workers=args.workers, n_trials=args.n_trials, storage=args.storage,
-                         overrides=args.overrides)
+                         overrides=args.overrides, worker_index=args.worker_index)
     if args.command == "ablate":
         from pc_lightning.sweep.ablation import run_ablation
 

@@ -82,3 +82,16 @@ def test_cli_reports_config_error(capsys):
 
     assert main(["train", "--config", BASELINE, "optim.lr=-1"]) == 2
     assert "optim.lr" in capsys.readouterr().err
+
+
+def test_cli_takes_options_after_overrides():
+    from pc_lightning.cli import parse_args
+
+    args = parse_args(["sweep", "s.yaml", "a.b=1", "--storage", "sqlite:///x.db", "c.d=2", "--worker-index", "3"])
+    assert args.overrides == ["a.b=1", "c.d=2"] and args.storage == "sqlite:///x.db" and args.worker_index == 3
+    args = parse_args(["train", "--config", BASELINE, "optim.lr=1e-3", "--resume", "last", "model.d_model=64"])
+    assert args.overrides == ["optim.lr=1e-3", "model.d_model=64"] and args.resume == "last"
+    with pytest.raises(SystemExit):
+        parse_args(["train", "--config", BASELINE, "--no-such-option"])
+    with pytest.raises(SystemExit):
+        parse_args(["merge", "ckpt", "stray=1"])

@@ -42,3 +42,14 @@ def test_every_sweep_samples_valid_configs(path):
         cfg = compose_config(spec.base, list(spec.overrides) + suggest(trial, spec))
         validate(cfg)
         study.tell(trial, 0.0)
+
+
+def test_workers_of_one_study_get_different_sampler_seeds():
+    """--worker-index (commands joining one study) and the local worker number both offset the sampler seed."""
+    spec = load_spec(SWEEPS[0])
+    spec.sampler.name, spec.sampler.seed = "random", 0
+    first = {}
+    for worker in (0, 1, 1000):
+        study = optuna.create_study(sampler=build_sampler(spec, worker), direction=spec.objective.direction)
+        first[worker] = tuple(suggest(study.ask(), spec))
+    assert len(set(first.values())) == 3

@@ -140,7 +140,7 @@ def test_two_workers_share_one_study(tmp_path, data_cache, results_dir):
     ({"sampler": {"name": "bayes"}}, "sampler.name"),
     ({"pruner": {"name": "median", "patience": 3}}, "pruner"),
     ({"n_trails": 3}, "n_trails"),
-    ({"overrides": ["trainer.devices=2"]}, "trainer.devices"),  # a trial runs on one device
+    ({"overrides": ["trainer.devices=2"]}, "trainer.devices"),  # multi-device trials need torchrun/srun
     ({"parameters": {"model.linear": {"type": "categorical", "choices": ["dense", "sparse"]}}},
      "parameters.model.linear.choices[1]"),
 ])

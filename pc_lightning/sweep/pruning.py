@@ -6,9 +6,10 @@ validates every ``trainer.val_every`` optimizer steps, so the pruner would see o
 best. Here each validation reports ``(value, trainer.global_step)``, so the median/Hyperband pruners
 compare trials at the same number of optimizer steps (DESIGN.md section 7).
 
-A trial runs on one device (``pcl sweep`` refuses multi-GPU trials, see :mod:`pc_lightning.sweep.study`):
-under DDP every rank would have to hold the same trial, e.g. ``optuna.integration.TorchDistributedTrial``,
-so that ``should_prune()`` is broadcast and all ranks stop together.
+Under DDP/FSDP every rank runs this callback with an ``optuna_integration.TorchDistributedTrial`` (see
+:mod:`pc_lightning.sweep.study`): rank 0's value is broadcast first, so all ranks take the same branch,
+``report`` reaches Optuna from rank 0 only, and ``should_prune()`` is broadcast, so all ranks stop together
+instead of one waiting in a collective for the others.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ class OptunaPruning(L.Callback):
         self.run_id = getattr(trainer.logger, "run_id", None)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or self.metric not in trainer.callback_metrics:
+        if trainer.sanity_checking:
             return
-        value = float(trainer.callback_metrics[self.metric])
-        if not math.isfinite(value):  # divergence is handled by the run itself, not by the pruner
+        value = trainer.callback_metrics.get(self.metric)
+        value = trainer.strategy.broadcast(None if value is None else float(value))  # rank 0's, on every rank
+        if value is None or not math.isfinite(value):  # divergence is handled by the run itself, not the pruner
             return
         step = trainer.global_step
         self.trial.report(value, step)

@@ -21,24 +21,46 @@ Each trial is one :func:`pc_lightning.train.train` run, nested under the study's
 
 ``--workers N`` starts N ``pcl sweep`` worker processes on this machine sharing the storage; other machines
 join by running the same command with the same ``--storage`` URL (PostgreSQL, or a journal file on a shared
-disk) and ``tracking.tracking_uri``. A trial runs on one device: with several GPUs, run one worker per GPU.
-Multi-GPU (DDP) trials are refused: Lightning's launcher re-runs the command on every rank, and each rank
-would ask Optuna for a trial of its own; they would need rank 0's trial shared with all ranks through
-``optuna.integration.TorchDistributedTrial``, which ``pcl sweep`` does not wire up.
+disk) and ``tracking.tracking_uri``.
+
+**Multi-device trials** (``trainer.devices`` x ``trainer.num_nodes`` > 1, strategy ddp/fsdp): every rank is
+started by ``torchrun`` or ``srun`` with the same command, and each trial is one Lightning DDP/FSDP run over
+all ranks. The ranks join one process group before the first trial (gloo on CPU, nccl on GPU; Lightning's
+strategy reuses an initialised group). Rank 0 alone opens the storage and MLflow, asks Optuna for trials
+and tells their results; before each trial it broadcasts a command (``trial``, ``wait`` while other workers
+finish the last trials, ``stop``). The trial's number and parameters reach the other ranks through
+``optuna_integration.TorchDistributedTrial``, and every rank replays them into the same config
+(:class:`optuna.trial.FixedTrial`), so all ranks run the same :func:`~pc_lightning.train.train`.
+:class:`~pc_lightning.sweep.pruning.OptunaPruning` reports rank 0's value and ``should_prune()`` is
+broadcast, so all ranks stop a pruned trial at the same validation; divergence is decided on the mean loss
+over ranks (:class:`~pc_lightning.modules.pretrain.PretrainModule`), so all ranks stop a diverged trial
+together. Ctrl-C or SIGTERM reaches every rank through torchrun/srun and ends the trial as above. A crash of
+one rank ends the command (torchrun stops the other ranks; under SLURM use ``srun --kill-on-bad-exit=1``);
+a trial whose rank 0 was killed is re-queued by the heartbeat when the same command is run again.
+``--workers`` > 1 is refused here: run one ``torchrun``/``srun`` per multi-device worker, all on the same
+storage. Started without torchrun/srun, a multi-device config is refused (Lightning's own launcher would
+re-run the whole sweep on every rank, each asking Optuna for a trial of its own).
 """
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import subprocess
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import optuna
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment, TorchElasticEnvironment
 from optuna.trial import TrialState
+from optuna_integration import TorchDistributedTrial
 
 from pc_lightning import tracking
 from pc_lightning.config import ConfigError, ExperimentConfig
@@ -52,6 +74,54 @@ from pc_lightning.sweep.space import (SweepSpec, build_pruner, build_sampler, co
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 WORKER_ENV = "PCL_SWEEP_WORKER"  # set in processes started by --workers: their index (seed offset), no report
+TRIAL, WAIT, STOP = "trial", "wait", "stop"  # rank 0's commands to the other ranks of a multi-device worker
+
+
+@dataclass
+class Ranks:
+    """The processes of one multi-device worker (started by torchrun or srun), joined in one process group."""
+
+    rank: int
+    group: dist.ProcessGroup  # gloo, for Python objects on CPU, also when training itself runs on nccl
+
+    def share(self, obj: Any = None) -> Any:
+        """Rank 0's ``obj`` on every rank; a collective, so every rank calls it at the same point."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+
+def launch_environment() -> ClusterEnvironment | None:
+    """The environment srun or torchrun started this process in, detected in the order Lightning's Trainer uses."""
+    for env_type in (SLURMEnvironment, TorchElasticEnvironment):
+        if env_type.detect():
+            return env_type()
+    return None
+
+
+def join_ranks(cfg: ExperimentConfig, spec_path: str) -> Ranks:
+    """Join all ranks in one process group before the first trial; every trial's DDP/FSDP strategy reuses it
+    (Lightning initialises the group only when none exists)."""
+    n = world_size(cfg)
+    env = launch_environment()
+    if env is None or env.world_size() != n:
+        started = "it was not started by torchrun or srun" if env is None else \
+            f"{env.world_size()} processes were started"
+        raise ConfigError("trainer.devices", f"each trial trains on {n} devices but {started}; run 'torchrun "
+                                             f"--nproc_per_node {n} -m pc_lightning.cli sweep {spec_path} ... "
+                                             f"trainer.devices={n} trainer.strategy=ddp' (or srun with {n} tasks), "
+                                             "or set trainer.devices=1")
+    if not dist.is_initialized():
+        # the rendezvous Lightning's strategy would make at the first fit: env:// at the launcher's address
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = env.main_address, str(env.main_port)
+        on_gpu = cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        device = torch.device("cuda", env.local_rank()) if on_gpu else None
+        if device is not None:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if on_gpu else "gloo", rank=env.global_rank(), world_size=n, device_id=device)
+        atexit.register(dist.destroy_process_group)  # as Lightning does for NCCL, which warns about an open group
+    group = dist.new_group(backend="gloo") if dist.get_backend() == "nccl" else dist.group.WORLD
+    return Ranks(dist.get_rank(), group)
 
 
 def open_storage(url: str, spec: SweepSpec) -> optuna.storages.BaseStorage:
@@ -105,14 +175,17 @@ def close_crashed_runs(mlflow_client, parent_id: str, trial_number: int) -> None
             mlflow_client.set_tag(run.info.run_id, "status", "crashed")
 
 
-def make_objective(spec: SweepSpec, overrides: list[str], parent_id: str, mlflow_client):
+def make_objective(spec: SweepSpec, overrides: list[str], parent_id: str, mlflow_client,
+                   ranks: Ranks | None = None):
     def objective(trial: optuna.Trial) -> float:
         frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
         retried_from = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
         if retried_from is not None:
             close_crashed_runs(mlflow_client, parent_id, retried_from)
         cfg = trial_config(spec, overrides, trial, parent_id)
-        pruning = OptunaPruning(trial, spec.objective.metric)
+        # with several ranks: send the trial's number and parameters, report and decide pruning for all
+        pruning = OptunaPruning(trial if ranks is None else TorchDistributedTrial(trial, ranks.group),
+                                spec.objective.metric)
         try:
             result = train(cfg, extra_callbacks=[pruning], quiet=True)
         except optuna.TrialPruned:
@@ -134,6 +207,24 @@ def make_objective(spec: SweepSpec, overrides: list[str], parent_id: str, mlflow
     return objective
 
 
+def follow_rank_zero(spec: SweepSpec, overrides: list[str], ranks: Ranks) -> int:
+    """Ranks > 0 of a multi-device worker: run every trial rank 0 starts, with its parameters, until it stops."""
+    try:
+        parent_id = ranks.share()
+        while (command := ranks.share()) != STOP:
+            if command != TRIAL:
+                continue  # WAIT: rank 0 waits for other workers' trials
+            trial = TorchDistributedTrial(None, ranks.group)
+            cfg = trial_config(spec, overrides, optuna.trial.FixedTrial(trial.params, trial.number), parent_id)
+            try:
+                train(cfg, extra_callbacks=[OptunaPruning(trial, spec.objective.metric)], quiet=True)
+            except optuna.TrialPruned:
+                pass
+    except (KeyboardInterrupt, SystemExit):
+        return 130
+    return 0
+
+
 def trial_counts(study: optuna.Study) -> dict[TrialState, int]:
     counts = {state: 0 for state in TrialState}
     for t in study.get_trials(deepcopy=False):
@@ -142,8 +233,10 @@ def trial_counts(study: optuna.Study) -> dict[TrialState, int]:
 
 
 def work(study: optuna.Study, spec: SweepSpec, n_trials: int, objective, timeout: float | None,
-         heartbeat: bool) -> None:
-    """One worker's loop: run trials until n_trials are finished (by anyone), or the timeout is reached."""
+         heartbeat: bool, ranks: Ranks | None = None) -> None:
+    """One worker's loop: run trials until n_trials are finished (by anyone), or the timeout is reached.
+    With ranks, rank 0 tells the others each step (:func:`follow_rank_zero`)."""
+    tell = ranks.share if ranks is not None else (lambda command: None)
     deadline = None if timeout is None else time.monotonic() + timeout
     while deadline is None or time.monotonic() < deadline:
         if heartbeat:
@@ -152,42 +245,53 @@ def work(study: optuna.Study, spec: SweepSpec, n_trials: int, objective, timeout
         finished = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
         running = counts[TrialState.RUNNING] if heartbeat else 0
         if finished >= n_trials:
-            return
+            break
         if counts[TrialState.WAITING] == 0 and finished + running >= n_trials:
             time.sleep(spec.heartbeat.interval)  # the last trials run elsewhere (or wait to be found stale)
+            tell(WAIT)  # keeps the other ranks' broadcast within the process group's timeout
             continue
+        tell(TRIAL)
         study.optimize(objective, n_trials=1)  # an error fails the trial and stops this command
+    tell(STOP)
 
 
-def spawn_workers(spec_path: str, workers: int, n_trials: int, url: str, overrides: list[str]) -> int:
+def spawn_workers(spec_path: str, workers: int, n_trials: int, url: str, overrides: list[str],
+                  worker_index: int = 0) -> int:
     """N local ``pcl sweep`` processes on one storage (each its own Python, so no fork of torch state)."""
     env = dict(os.environ, PCL_RESULTS_DIR=str(tracking.RESULTS_DIR.resolve()))
     procs = []
     for i in range(workers):
         cmd = [sys.executable, "-m", "pc_lightning.cli", "sweep", str(spec_path), "--n-trials", str(n_trials),
-               "--storage", url, *overrides]
+               "--storage", url, "--worker-index", str(worker_index), *overrides]
         procs.append(subprocess.Popen(cmd, env={**env, WORKER_ENV: str(i)}))
     return max(p.wait() for p in procs)
 
 
 def run_sweep(spec_path: str, workers: int = 1, n_trials: int | None = None, storage: str | None = None,
-              overrides: list[str] | None = None) -> int:
+              overrides: list[str] | None = None, worker_index: int = 0) -> int:
+    """Run, resume or join the study. ``worker_index`` numbers the commands (machines, torchrun jobs) that join
+    one study, so that their samplers get different seeds (``sampler.seed + 1000·worker_index + local worker``);
+    with the same seed they would propose the same first points."""
     overrides = list(overrides or [])
     spec = load_spec(spec_path, overrides)
     n_total = n_trials or spec.n_trials
     url = storage_url(spec, storage)
-    worker = int(os.environ.get(WORKER_ENV, "0"))
+    if worker_index < 0:
+        raise ConfigError("--worker-index", "must be >= 0")
+    worker = 1000 * worker_index + int(os.environ.get(WORKER_ENV, "0"))
     is_worker_process = WORKER_ENV in os.environ
     if workers < 1:
         raise ConfigError("--workers", "must be >= 1")
 
     base = compose_config(spec.base, list(spec.overrides) + overrides)
+    ranks = None
     if world_size(base) > 1:
-        # Lightning's DDP launcher re-runs this command on every rank and each would ask Optuna for its own
-        # trial; multi-GPU trials need one trial shared by all ranks (TorchDistributedTrial), not wired here.
-        raise ConfigError("trainer.devices", f"a sweep trial runs on one device, this config asks for "
-                                             f"{world_size(base)}; run one worker per GPU "
-                                             "(CUDA_VISIBLE_DEVICES=i pcl sweep ... trainer.devices=1)")
+        if workers > 1:
+            raise ConfigError("--workers", "multi-device trials run one worker per torchrun/srun command; start "
+                                           "several such commands on the same --storage instead")
+        ranks = join_ranks(base, spec_path)
+        if ranks.rank > 0:
+            return follow_rank_zero(spec, overrides, ranks)
 
     study = open_study(spec, url, worker)
     uri = tracking.tracking_uri(base.tracking)
@@ -196,14 +300,16 @@ def run_sweep(spec_path: str, workers: int = 1, n_trials: int | None = None, sto
         mlflow_client, uri, base.tracking.experiment, "study", spec.study_name,
         {"pcl.study": spec.study_name, "pcl.storage": url, "pcl.metric": spec.objective.metric,
          "pcl.spec": str(Path(spec_path).resolve())})
+    if ranks is not None:
+        ranks.share(parent_id)
 
     rc = 0
     try:
         if workers > 1 and not is_worker_process:
-            rc = spawn_workers(spec_path, workers, n_total, url, overrides)
+            rc = spawn_workers(spec_path, workers, n_total, url, overrides, worker_index)
         else:
-            objective = make_objective(spec, overrides, parent_id, mlflow_client)
-            work(study, spec, n_total, objective, spec.timeout, heartbeat=not is_journal(url))
+            objective = make_objective(spec, overrides, parent_id, mlflow_client, ranks)
+            work(study, spec, n_total, objective, spec.timeout, heartbeat=not is_journal(url), ranks=ranks)
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (Lightning raises SIGTERMException)
         if not is_worker_process:
             mlflow_client.set_terminated(parent_id, "KILLED")

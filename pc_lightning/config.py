@@ -538,6 +538,10 @@ def validate(cfg: ExperimentConfig) -> None:
                  "(fixed rank) or use trainer.strategy=ddp")
         _require(o.name == "adamw", "optim.name",
                  f"{o.name} needs whole matrices but FSDP gives the optimizer flat shards; use adamw, or ddp")
+        _require(not cfg.monitor.grad_norms, "monitor.grad_norms",
+                 "per-layer gradient norms would be norms of each rank's FSDP shard; turn it off or use ddp")
+        _require(not cfg.monitor.spike.enabled, "monitor.spike.enabled",
+                 "the spike rule's gradient norm would be one rank's FSDP shard's; turn it off or use ddp")
     if o.name in ("gn", "gn_layerwise"):
         _require(t.accumulate_grad_batches == 1, "trainer.accumulate_grad_batches",
                  "Gauss-Newton uses manual optimisation; leave accumulate_grad_batches at 1")

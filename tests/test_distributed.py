@@ -167,6 +167,8 @@ def test_strategy_and_pc_mode_follow_the_config(tiny_cfg):
     ({"model.linear": "pc", "model.pc.merge_on_end": True}, "model.pc.merge_on_end"),
     ({"model.linear": "tsvd", "model.tsvd.rank_check_every": 10}, "model.tsvd.rank_check_every"),
     ({"optim.name": "muon"}, "optim.name"),
+    ({"monitor.grad_norms": True}, "monitor.grad_norms"),
+    ({"monitor.spike.enabled": True}, "monitor.spike.enabled"),
 ])
 def test_fsdp_refuses_what_needs_whole_matrices(tiny_cfg, overrides, key):
     with pytest.raises(ConfigError) as err:

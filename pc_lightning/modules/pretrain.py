@@ -134,4 +134,8 @@ class PretrainModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         if self.logger is not None and self.global_step == 0:
-            self.logger.log_metrics({"model/parameters": float(count_parameters(self.model))}, step=0)
+            from pc_lightning.distributed import full_parameters
+
+            with full_parameters(self.trainer.strategy, writeback=False):  # FSDP: count whole matrices, not shards
+                n = count_parameters(self.model)
+            self.logger.log_metrics({"model/parameters": float(n)}, step=0)

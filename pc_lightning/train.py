@@ -153,8 +153,11 @@ def train(cfg: ExperimentConfig, resume: str | None = None, extra_callbacks: lis
     if ckpt_path is not None:
         ckpt_dir = ckpt_path.parent
 
+    # A checkpoint on exception needs collectives (barrier, file-exists reduce) among ranks that a Ctrl-C or a
+    # crashed peer leaves out of step: with several processes it could deadlock until the launcher kills rank 0
+    # (and its MLflow run is never closed), so there the last periodic checkpoint is what a resume starts from.
     checkpoint = ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0,
-                                 every_n_train_steps=cfg.trainer.checkpoint_every, save_on_exception=True)
+                                 every_n_train_steps=cfg.trainer.checkpoint_every, save_on_exception=world == 1)
     throughput = TokenThroughput(tokens_per_step, flops_per_token(cfg.model, cfg.data.seq_len), cfg.trainer.log_every)
     callbacks = [checkpoint, throughput, LearningRateMonitor(logging_interval="step"),
                  MlflowRunInCheckpoint(run_id or "")]

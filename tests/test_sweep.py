@@ -12,7 +12,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-import yaml
 from optuna.trial import TrialState
 
 from pc_lightning import tracking
@@ -21,25 +20,13 @@ from pc_lightning.sweep import runs
 from pc_lightning.sweep.space import load_spec, storage_url
 from pc_lightning.sweep.study import open_study, run_sweep
 from conftest import tiny_overrides
+from helpers import write_sweep_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_spec(path: Path, data_cache: str, results_dir: Path, **fields) -> Path:
-    spec = {
-        "study_name": "tiny-lr",
-        "base": str(ROOT / "conf" / "baseline.yaml"),
-        "overrides": tiny_overrides(data_cache, results_dir),
-        "objective": {"metric": "val/loss", "direction": "minimize"},
-        "parameters": {"optim.lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-2, "log": True}},
-        "sampler": {"name": "random", "seed": 0},
-        "pruner": {"name": "none"},
-        "n_trials": 3,
-        "heartbeat": {"interval": 1, "grace_period": 2, "max_retry": 2},
-    }
-    spec.update(fields)
-    path.write_text(yaml.safe_dump(spec))
-    return path
+    return write_sweep_spec(path, **{"overrides": tiny_overrides(data_cache, results_dir), **fields})
 
 
 def mlflow_children(study_name: str):

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from optuna.trial import TrialState
 
 from pc_lightning import tracking
@@ -20,26 +19,17 @@ from pc_lightning.sweep import runs
 from pc_lightning.sweep.space import load_spec, storage_url
 from pc_lightning.sweep.study import open_study, run_sweep
 from conftest import tiny_overrides
+from helpers import write_sweep_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 TWO_RANKS = {"trainer.accelerator": "cpu", "trainer.devices": 2, "trainer.strategy": "ddp", "trainer.num_threads": 1}
 
 
 def write_spec(path: Path, data_cache: str, results_dir: Path, **fields) -> Path:
-    spec = {
-        "study_name": "ddp-lr",
-        "base": str(ROOT / "conf" / "baseline.yaml"),
-        "overrides": tiny_overrides(data_cache, results_dir, **TWO_RANKS),
-        "objective": {"metric": "val/loss", "direction": "minimize"},
-        "parameters": {"optim.lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-2, "log": True}},
-        "sampler": {"name": "random", "seed": 0},
-        "pruner": {"name": "none"},
-        "n_trials": 2,
-        "heartbeat": {"interval": 1, "grace_period": 5, "max_retry": 2},
-    }
-    spec.update(fields)
-    path.write_text(yaml.safe_dump(spec))
-    return path
+    """The tiny sweep with every trial a DDP run over two CPU processes."""
+    defaults = {"study_name": "ddp-lr", "overrides": tiny_overrides(data_cache, results_dir, **TWO_RANKS),
+                "n_trials": 2, "heartbeat": {"interval": 1, "grace_period": 5, "max_retry": 2}}
+    return write_sweep_spec(path, **{**defaults, **fields})
 
 
 def start_torchrun(spec_path: Path, results_dir: Path, nproc: int = 2) -> subprocess.Popen:

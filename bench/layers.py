@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from pathlib import Path
 
 import torch
 
@@ -31,7 +30,7 @@ from pc_lightning.callbacks.pc_step import PCStep, pc_layers
 from pc_lightning.config import ModelConfig, PCConfig, TSVDConfig
 from pc_lightning.merge import merge_model
 from pc_lightning.model import Llama, count_parameters
-from timing import CPU_BATCH, CPU_SHAPE, GPU_BATCH, GPU_SHAPE, tokens_per_second  # bench/timing.py (this folder is on sys.path)
+from timing import setup, tokens_per_second, write_report  # bench/timing.py (this folder is on sys.path)
 
 
 
@@ -83,11 +82,8 @@ def main() -> None:
     parser.add_argument("--out", default="results/bench/layers.md")
     args = parser.parse_args()
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    shape, batch = (GPU_SHAPE, GPU_BATCH) if device.type == "cuda" else (CPU_SHAPE, CPU_BATCH)
-    steps = args.steps or (20 if device.type == "cuda" else 6)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+    run = setup(args.steps, gpu_steps=20, cpu_steps=6)
+    device, shape, batch, steps = run.device, run.shape, run.batch, run.steps
     configs = variants(shape)
     modes = [False] if args.no_compile else [False, True]
 
@@ -96,11 +92,10 @@ def main() -> None:
     params = {name: count_parameters(Llama(cfg)) for name, cfg in configs.items()}
     merges = {name: merge_seconds(cfg) for name, cfg in configs.items()}
 
-    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     header = "| variant | params | merge s | " + " | ".join(
         f"{'compiled' if c else 'eager'} tokens/s | vs dense" for c in modes) + " |"
     lines = [
-        f"# Linear kinds: dense vs PC vs TSVD ({where})",
+        f"# Linear kinds: dense vs PC vs TSVD ({run.where})",
         "",
         f"shape: {shape}, batch {batch[0]}x{batch[1]}, {args.accum} micro-batch(es) per step, {steps} timed "
         f"optimizer steps, torch {torch.__version__}",
@@ -112,11 +107,7 @@ def main() -> None:
         merge = "-" if merges[name] is None else f"{merges[name]:.2f}"
         cells = " | ".join(f"{tokens[name, c]:,.0f} | {tokens[name, c] / tokens['dense', c]:.2f}x" for c in modes)
         lines.append(f"| {name} | {params[name]:,} | {merge} | {cells} |")
-    text = "\n".join(lines)
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
+    write_report(args.out, lines)
 
 
 if __name__ == "__main__":

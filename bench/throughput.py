@@ -12,13 +12,12 @@ section 8 reports HF compiled at 394k tokens/s (38% MFU) on an H100.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
 from pc_lightning.config import ModelConfig
 from pc_lightning.model import Llama, count_parameters, flops_per_token
-from timing import CPU_BATCH, CPU_SHAPE, GPU_BATCH, GPU_SHAPE, tokens_per_second  # bench/timing.py (this folder is on sys.path)
+from timing import setup, tokens_per_second, write_report  # bench/timing.py (this folder is on sys.path)
 
 
 
@@ -53,11 +52,8 @@ def main() -> None:
     parser.add_argument("--out", default="results/bench/throughput.md")
     args = parser.parse_args()
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    shape, batch = (GPU_SHAPE, GPU_BATCH) if device.type == "cuda" else (CPU_SHAPE, CPU_BATCH)
-    steps = args.steps or (30 if device.type == "cuda" else 10)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+    run = setup(args.steps, gpu_steps=30, cpu_steps=10)
+    device, shape, batch, steps = run.device, run.shape, run.batch, run.steps
     cfg = ModelConfig(**shape)
 
     rows = []
@@ -74,9 +70,8 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     lines = [
-        f"# Throughput: suite baseline vs HF LlamaForCausalLM ({name})",
+        f"# Throughput: suite baseline vs HF LlamaForCausalLM ({run.where})",
         "",
         f"shape: {shape}, batch {batch[0]}x{batch[1]}, {steps} timed training steps, "
         f"torch {torch.__version__}",
@@ -93,11 +88,7 @@ def main() -> None:
         fpt = flops_per_token(cfg, batch[1])
         if peak:
             lines += ["", "MFU (suite): " + ", ".join(f"{m} {o * fpt / peak:.1%}" for m, o, *_ in rows)]
-    text = "\n".join(lines)
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
+    write_report(args.out, lines)
 
 
 if __name__ == "__main__":

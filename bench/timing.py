@@ -1,4 +1,4 @@
-"""The timed training step both throughput benchmarks share, and the shapes they run at.
+"""The timed training step both throughput benchmarks share, the shapes they run at and their report file.
 
 One step = ``accum`` micro-batches of forward, next-token cross-entropy and backward, then an AdamW step, on
 fixed random batches; warm-up steps (and compilation) are excluded from the timing. Optional hooks run the
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -18,6 +20,33 @@ CPU_SHAPE = dict(d_model=128, n_layers=4, n_heads=4, d_ff=384, vocab_size=4096, 
 CPU_BATCH = (16, 128)
 GPU_SHAPE = dict(d_model=768, n_layers=12, n_heads=12, d_ff=2048, vocab_size=32000, max_seq_len=1024)
 GPU_BATCH = (16, 1024)
+
+
+@dataclass
+class Setup:
+    device: torch.device
+    shape: dict  # ModelConfig keywords
+    batch: tuple[int, int]  # (sequences, tokens per sequence)
+    steps: int  # timed optimizer steps
+    where: str  # the device, for the report's title
+
+
+def setup(steps: int | None, gpu_steps: int, cpu_steps: int) -> Setup:
+    """The ~134M shape on CUDA (TF32 matmuls allowed), else the tiny CPU shape; ``steps`` overrides the default."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        return Setup(torch.device("cuda"), GPU_SHAPE, GPU_BATCH, steps or gpu_steps, torch.cuda.get_device_name())
+    return Setup(torch.device("cpu"), CPU_SHAPE, CPU_BATCH, steps or cpu_steps,
+                 f"CPU ({torch.get_num_threads()} threads)")
+
+
+def write_report(path: str | Path, lines: list[str]) -> None:
+    """Print the Markdown report and write it to ``path``."""
+    text = "\n".join(lines)
+    print(text)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
 
 
 def _nothing() -> None:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from pc_lightning.config import ExperimentConfig, from_dict
+from pc_lightning.distributed import full_parameters
 from pc_lightning.model import Llama, count_parameters
 from pc_lightning.optim.factory import build_optimizer
 from pc_lightning.optim.schedule import build_scheduler
@@ -110,13 +111,10 @@ class PretrainModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
         # Under FSDP the parameters are flat 1-D shards at this point, and the factory groups them by shape
         # (weight decay on matrices): build it while FSDP shows the full parameters (same Parameter objects).
-        wrapped = self.trainer.model if self._trainer is not None else None
-        with (FullyShardedDataParallel.summon_full_params(wrapped, writeback=False)
-              if isinstance(wrapped, FullyShardedDataParallel) else contextlib.nullcontext()):
+        with (full_parameters(self.trainer.strategy, writeback=False) if self._trainer is not None
+              else contextlib.nullcontext()):
             optimizer = build_optimizer(self.model, self.cfg.optim)
         scheduler = build_scheduler(optimizer, self.total_steps, self.cfg.optim.warmup_fraction,
                                     self.cfg.optim.min_lr_ratio)
@@ -134,8 +132,6 @@ class PretrainModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         if self.logger is not None and self.global_step == 0:
-            from pc_lightning.distributed import full_parameters
-
             with full_parameters(self.trainer.strategy, writeback=False):  # FSDP: count whole matrices, not shards
                 n = count_parameters(self.model)
             self.logger.log_metrics({"model/parameters": float(n)}, step=0)

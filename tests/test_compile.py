@@ -1,0 +1,79 @@
+"""``model.compile`` with every linear kind: no graph breaks, one training graph that is not re-traced from one
+optimizer step to the next, the same numbers as eager, and a compiled training run through the Trainer.
+
+The GPU speed of PC and TSVD rests on this (DESIGN.md section 8): PC's per-step W_eff leaf and TSVD's cached
+orthonormal factors change every step, and a guard on them would make dynamo re-trace each step. The speed
+itself is measured by ``bench/layers.py``, not here.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+from pc_lightning.callbacks.ortho_refresh import refresh_all
+from pc_lightning.callbacks.pc_step import PCStep, pc_layers
+from pc_lightning.config import ModelConfig
+from pc_lightning.model import Llama
+from pc_lightning.train import train
+
+SHAPE = dict(d_model=32, n_layers=2, n_heads=2, d_ff=64, vocab_size=128, max_seq_len=32)
+
+
+def run_steps(model: Llama, cfg: ModelConfig, forward, steps: int = 3, accum: int = 2) -> list[float]:
+    """``steps`` AdamW steps of ``accum`` micro-batches each, with the per-step machinery training runs."""
+    torch.manual_seed(1)
+    data = [torch.randint(0, cfg.vocab_size, (2, 17)) for _ in range(steps * accum)]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    pc = PCStep(bf16_matmuls=False, layers=pc_layers(model)) if cfg.linear == "pc" else None
+    losses = []
+    for i in range(steps):
+        if pc is not None:
+            pc.begin_step()
+        for x in data[i * accum:(i + 1) * accum]:
+            loss = F.cross_entropy(forward(x[:, :-1]).reshape(-1, cfg.vocab_size), x[:, 1:].reshape(-1))
+            (loss / accum).backward()
+            losses.append(loss.item())
+        if pc is not None:
+            pc.end_step()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cfg.linear == "tsvd":
+            refresh_all(model, cfg.tsvd.ortho_method)
+    return losses
+
+
+@pytest.mark.parametrize("linear", ["dense", "pc", "tsvd"])
+def test_compiled_training_traces_once_and_matches_eager(linear):
+    cfg = ModelConfig(**SHAPE, linear=linear)
+    torch.manual_seed(0)
+    eager = Llama(cfg)
+    compiled = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    counters.clear()
+
+    eager_losses = run_steps(eager, cfg, eager)
+    compiled_losses = run_steps(compiled, cfg, torch.compile(compiled))
+
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 1  # 6 forwards over 3 optimizer steps, one graph
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-4)
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow  # ~50 s: four training runs, two of them compiled
+@pytest.mark.parametrize("linear", ["pc", "tsvd"])
+def test_compiled_run_matches_eager_run(tiny_cfg, linear):
+    """Through the Trainer, with gradient accumulation (PC) and rank changes (TSVD, which re-trace)."""
+    extra = {"model.linear": linear, "trainer.accumulate_grad_batches": 2}
+    if linear == "tsvd":
+        extra.update({"model.tsvd.rank_check_every": 3, "model.tsvd.energy_threshold": 0.6})
+    eager = train(tiny_cfg(name=f"{linear}-eager", **extra), quiet=True)
+    compiled = train(tiny_cfg(name=f"{linear}-compiled", **{"model.compile": True}, **extra), quiet=True)
+    assert eager.status == compiled.status == "finished" and compiled.step == 6
+    assert compiled.metrics["val/loss"] == pytest.approx(eager.metrics["val/loss"], rel=1e-3)

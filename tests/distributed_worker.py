@@ -11,7 +11,8 @@ buffers (``params``; the full, gathered state dict under FSDP), the training los
 TSVD ranks seen after every step.
 
 ``train`` runs :func:`pc_lightning.train.train` itself (MLflow, checkpoints), optionally interrupted after step N
-as in tests/test_train.py, or resumed.
+as in tests/test_train.py, or resumed, and ends as ``pcl train`` does; under FSDP through
+:func:`cpu_fsdp_checkpoints`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pc_lightning.callbacks.registry import configured_callbacks
 from pc_lightning.config import load_config, steps_for_budget, to_dict
 from pc_lightning.data.datamodule import PretrainDataModule
 from pc_lightning.data.prepare import prepare
-from pc_lightning.distributed import lightning_strategy
+from pc_lightning.distributed import exit_follower, leave_together, lightning_strategy
 from pc_lightning.layers.tsvd_linear import TSVDLinear
 from pc_lightning.modules.pretrain import PretrainModule
 
@@ -103,14 +104,46 @@ def fit_run(out: str, overrides: list[str]) -> None:
                 "strategy": type(trainer.strategy).__name__}, Path(out) / f"rank{trainer.global_rank}.pt")
 
 
+def cpu_fsdp_checkpoints() -> None:
+    """Let ``pc_lightning.train.train`` run FSDP on CPU processes, checkpoints included (tests only).
+
+    The strategy becomes :class:`CPUFSDPStrategy`, and Lightning's full-state-dict context (model and optimizer
+    state gathered for ``last.ckpt``, and scattered back on resume) no longer asks for ``offload_to_cpu``, which
+    crashes (SIGSEGV) when the parameters already live on the CPU. On GPUs Lightning's own context is used.
+    """
+    import lightning.pytorch.strategies.fsdp as lightning_fsdp
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    import pc_lightning.train
+
+    def strategy(cfg):
+        chosen = lightning_strategy(cfg)
+        if type(chosen) is FSDPStrategy:
+            chosen.__class__ = CPUFSDPStrategy
+        return chosen
+
+    def full_state_dict_context(module, world_size: int, rank0_only: bool = True):
+        return FullyShardedDataParallel.state_dict_type(
+            module, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
+            FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only))
+
+    pc_lightning.train.lightning_strategy = strategy
+    lightning_fsdp._get_full_state_dict_context = full_state_dict_context
+
+
 def train_run(overrides: list[str], stop_at: int | None, resume: str | None) -> None:
     from helpers import StopAt
 
     from pc_lightning.train import train
 
     torch.set_num_threads(1)
+    cpu_fsdp_checkpoints()
     cfg = load_config(ROOT / "conf" / "baseline.yaml", overrides)
-    train(cfg, resume=resume, extra_callbacks=[StopAt(stop_at)] if stop_at else None, quiet=True)
+    result = train(cfg, resume=resume, extra_callbacks=[StopAt(stop_at)] if stop_at else None, quiet=True)
+    leave_together()  # as `pcl train` ends (pc_lightning.cli)
+    if not result.run_id:
+        exit_follower(0)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import torch
 from pc_lightning.config import ConfigError, load_config
 from pc_lightning.data.prepare import prepare
 from pc_lightning.distributed import lightning_strategy, pc_evaluation
+from pc_lightning.modules.pretrain import PretrainModule
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -238,5 +239,30 @@ def test_resume_across_a_rank_change_under_ddp(prepared_cache, results_dir):
     resumed = last_checkpoint(results_dir, "split")
     assert resumed["global_step"] == straight["global_step"] == 4
     assert resumed["state_dict"]["model.blocks.0.attn.q.s"].shape == (4,)
+    for key, value in straight["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("linear", [{"model.linear": "pc"}, {"model.linear": "tsvd", "model.tsvd.rank_check_every": 0}],
+                         ids=["pc", "tsvd"])
+def test_resume_under_fsdp_matches_uninterrupted_run(prepared_cache, results_dir, linear):
+    """FSDP on 2 ranks: ``last.ckpt`` holds the full (gathered) model and optimizer state, and a run stopped after
+    step 2 and resumed with ``--resume last`` ends exactly where the uninterrupted run ends. Runs through
+    distributed_worker.cpu_fsdp_checkpoints (FSDP on CPU, Lightning's gather without its GPU-only CPU offload)."""
+    runs = {name: ddp_overrides(prepared_cache, results_dir, name=name, **{"trainer.strategy": "fsdp", **linear})
+            for name in ("straight", "split")}
+    torchrun(results_dir, str(WORKER), "train", *runs["straight"])
+    torchrun(results_dir, str(WORKER), "train", "--stop-at", "2", *runs["split"])
+    interrupted = last_checkpoint(results_dir, "split")
+    assert interrupted["global_step"] == 2
+    adam = interrupted["optimizer_states"][0]["state"]  # one entry per parameter, gathered from the shards
+    assert len(adam) == len(list(PretrainModule(**interrupted["hyper_parameters"]).parameters()))
+    assert all(entry["exp_avg"].ndim >= 1 and entry["step"] == 2 for entry in adam.values())
+    torchrun(results_dir, str(WORKER), "train", "--resume", "last", *runs["split"])
+    (run,) = mlflow_runs(results_dir, "split")
+    assert run.info.status == "FINISHED"
+    straight, resumed = last_checkpoint(results_dir, "straight"), last_checkpoint(results_dir, "split")
+    assert resumed["global_step"] == straight["global_step"] == 4
     for key, value in straight["state_dict"].items():
         torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=1e-6)

@@ -64,6 +64,7 @@ from optuna_integration import TorchDistributedTrial
 
 from pc_lightning import tracking
 from pc_lightning.config import ConfigError, ExperimentConfig
+from pc_lightning.distributed import exit_follower, leave_together
 from pc_lightning.sweep import runs
 from pc_lightning.sweep.pruning import OptunaPruning
 from pc_lightning.train import train, world_size
@@ -91,10 +92,8 @@ class Ranks:
         return box[0]
 
     def finish(self) -> None:
-        """Leave together: wait until every rank is done (rank 0 publishes the study last), then close the group.
-        A rank that tears its connections down while another still uses them can abort at exit."""
-        dist.barrier(group=self.group)
-        close_process_group()
+        """Leave together: every rank waits until rank 0 has published the study, then the group closes."""
+        leave_together(self.group)
 
 
 def launch_environment() -> ClusterEnvironment | None:
@@ -234,12 +233,7 @@ def follow_rank_zero(spec: SweepSpec, overrides: list[str], ranks: Ranks) -> int
     except (KeyboardInterrupt, SystemExit):
         return 130
     ranks.finish()
-    # Everything this rank owns is done (it never touches Optuna or MLflow). Its interpreter teardown sometimes
-    # aborted in C++ ("terminate called without an active exception", exit -6, about 1 run in 10 on a loaded
-    # 2-core machine), which torchrun reports as a failed job although the study finished: leave without it.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_follower(0)
 
 
 def trial_counts(study: optuna.Study) -> dict[TrialState, int]:

@@ -104,10 +104,12 @@ class PretrainModule(L.LightningModule):
         self.val_loss.update(ce, weight=y.numel())
 
     def on_validation_epoch_end(self) -> None:
-        loss = self.val_loss.compute()
+        loss = self.val_loss.compute()  # already over every rank's batches: torchmetrics syncs in compute()
         self.val_loss.reset()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
-        self.log("val/ppl", torch.exp(loss))
+        # sync_dist averages the ranks' identical values (one tiny all-reduce per validation); without it Lightning
+        # warns on every multi-process validation that the epoch-level value may be a single rank's.
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", torch.exp(loss), sync_dist=True)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):

@@ -126,3 +126,25 @@ def test_ctrl_c_kills_run(tiny_cfg):
     assert runs[0].info.status == "KILLED"
     resumed = train(tiny_cfg(name="ctrlc"), resume="last", quiet=True)
     assert resumed.status == "finished"
+
+
+# bf16-mixed is what GPU runs use by default (trainer.precision: auto); Lightning runs it on CPU too, so every
+# layer kind and optimizer family is checked here under it against the same run in fp32.
+BF16_CASES = {
+    "pc-adamw-accum": {"model.linear": "pc", "trainer.accumulate_grad_batches": 2},
+    "tsvd-muon-rank-change": {"model.linear": "tsvd", "optim.name": "muon", "model.tsvd.rank_check_every": 2,
+                              "model.tsvd.energy_threshold": 0.6},
+    "norms-caps-zloss-soap": {"optim.name": "soap", "model.attn_norm": "qk_norm", "model.attn_softcap": 50.0,
+                              "model.logit_softcap": 30.0, "model.post_fc2_norm": True, "model.z_loss": 1e-4},
+    "pc-gn": {"model.linear": "pc", "optim.name": "gn"},
+}
+
+
+@pytest.mark.parametrize("case", BF16_CASES.values(), ids=BF16_CASES.keys())
+def test_bf16_mixed_run_tracks_the_fp32_run(tiny_cfg, case):
+    fp32 = train(tiny_cfg(name="fp32", **{"trainer.precision": "32-true"}, **case), quiet=True)
+    bf16 = train(tiny_cfg(name="bf16", **{"trainer.precision": "bf16-mixed"}, **case), quiet=True)
+    assert fp32.status == bf16.status == "finished" and bf16.step == fp32.step
+    assert bf16.metrics["val/loss"] == pytest.approx(fp32.metrics["val/loss"], rel=5e-3)
+    run = client().get_run(bf16.run_id)
+    assert run.data.params["trainer.precision"] == "bf16-mixed"

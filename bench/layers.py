@@ -8,7 +8,8 @@ training runs it:
   :class:`pc_lightning.callbacks.pc_step.PCStep` (``begin_step`` before the first micro-batch, ``end_step``
   after the last backward), batched by shape; bf16 polynomial matmuls on CUDA;
 * TSVD (Kamali et al., arXiv 2605.28573): built through the config (``model.linear=tsvd``), with the cached
-  orthonormal factors refreshed after every optimizer step (``refresh_all``, as the OrthoRefresh callback does).
+  orthonormal factors refreshed after every optimizer step (``refresh_all``, as the OrthoRefresh callback does,
+  with the default ``ortho_method``, Cholesky-QR).
 
 Reported as tokens/s and as ratios to dense measured in the same run, plus parameter counts and the time to
 merge the model into a dense one (:func:`pc_lightning.merge.merge_model`, fp32, CPU). Two tables:

@@ -1,13 +1,14 @@
 """The timed training step both throughput benchmarks share, the shapes they run at and their report file.
 
 One step = ``accum`` micro-batches of forward, next-token cross-entropy and backward, then an AdamW step, on
-fixed random batches; warm-up steps (and compilation) are excluded from the timing. Optional hooks run the
-per-step machinery a linear kind needs (PC's once-per-step W_eff, TSVD's orthonormal refresh).
+fixed random batches; warm-up steps (and compilation) are excluded, and tokens/s is one step's tokens over the
+median step time. Optional hooks run the per-step machinery a linear kind needs (PC's once-per-step W_eff, TSVD's orthonormal refresh).
 """
 
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,8 +57,8 @@ def _nothing() -> None:
 def tokens_per_second(model: torch.nn.Module, vocab: int, batch: tuple[int, int], device: torch.device, steps: int,
                       compile_: bool, accum: int = 1, begin: Callable[[], None] = _nothing,
                       end: Callable[[], None] = _nothing, after: Callable[[], None] = _nothing) -> float:
-    """Tokens/s of full optimizer steps of `model` (idx -> logits); hooks run before the first micro-batch,
-    after the last backward and after the optimizer step."""
+    """Tokens/s (median step time) of full optimizer steps of `model` (idx -> logits); hooks run before the first
+    micro-batch, after the last backward and after the optimizer step."""
     model = model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
     fn = torch.compile(model) if compile_ else model
@@ -78,13 +79,20 @@ def tokens_per_second(model: torch.nn.Module, vocab: int, batch: tuple[int, int]
         opt.zero_grad(set_to_none=True)
         after()
 
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     for i in range(3):  # warm-up (and compilation)
         step(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    # Median step time, not total time: one hiccup of a shared machine (another process, a page-cache flush)
+    # moves a mean of a few steps by several percent and a ratio with it. One sync per step, as a training
+    # loop has anyway (the loss is read back for the divergence check).
+    times = []
     for i in range(steps):
+        sync()
+        t0 = time.perf_counter()
         step(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return steps * accum * batch[0] * batch[1] / (time.perf_counter() - t0)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return accum * batch[0] * batch[1] / statistics.median(times)

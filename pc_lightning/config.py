@@ -65,7 +65,7 @@ class TSVDConfig:
     targets: list[str] = field(default_factory=lambda: ["ffn", "attn_out", "qk", "v"])
     init_rank_fraction: float = 0.5  # initial rank as a fraction of min(m, n)
     init_from_svd: bool = True  # SVD of a normally initialised dense matrix, else random orthonormal
-    ortho_method: Literal["qr", "newton_schulz"] = "qr"
+    ortho_method: Literal["cholesky_qr", "qr", "newton_schulz"] = "cholesky_qr"  # qr: Householder (same Q)
     refresh_every: int = 1  # optimizer steps between refreshes of the cached orthonormal factors
     energy_threshold: float = 0.95  # tau: keep the smallest r with sum_{i<=r} s_i^2 >= tau * sum s_i^2
     rank_check_every: int = 100  # steps between rank adaptations (0 = fixed rank)

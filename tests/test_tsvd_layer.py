@@ -3,6 +3,7 @@ rank changes with optimizer state, and checkpoint/resume across a rank change.""
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 
@@ -134,6 +135,45 @@ def test_gradients_reach_raw_factors_and_newton_schulz_retracts():
     assert torch.all(torch.diagonal(q.T @ (layer.U + 1e-3)) > 0)  # sign-fixed QR stays near its input
 
 
+@pytest.mark.parametrize("shape", [(64, 16), (3, 48, 8), (5, 32, 32)], ids=["one", "stack", "square-stack"])
+def test_cholesky_qr_is_the_sign_fixed_householder_q(shape):
+    """The QR factorisation with diag(R) > 0 is unique, so Cholesky-QR must give Householder's Q; checked on raw
+    factors one optimizer step away from orthonormal, as the retraction meets them."""
+    torch.manual_seed(0)
+    x = orthonormalize(torch.randn(shape), "qr") + 1e-3 * torch.randn(shape)
+    q = orthonormalize(x, "cholesky_qr")
+    torch.testing.assert_close(q, orthonormalize(x, "qr"), rtol=0, atol=1e-5)
+    assert float(orthonormality_error(q)) <= 1e-5
+
+
+def test_retraction_falls_back_to_householder_when_cholesky_fails():
+    layer = TSVDLinear(32, 48, TSVDConfig(init_rank_fraction=0.5))
+    with torch.no_grad():
+        layer.U[:, 1] = 0.0  # a rank-deficient raw factor: its Gram matrix is singular
+    assert torch.isnan(orthonormalize(layer.U, "cholesky_qr")).all()
+    assert layer.refresh("cholesky_qr") <= 1e-5
+    assert float(layer.orthonormality_error()) <= 1e-5 and torch.equal(layer.U, layer.U_ortho)
+
+
+def test_model_refresh_is_batched_and_equals_per_layer_refresh(tiny_cfg):
+    from pc_lightning.model import Llama
+
+    cfg = tsvd_cfg(tiny_cfg)
+    cfg.model.vocab_size = 512
+    model = Llama(cfg.model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1e-3 * torch.randn_like(p))
+    one_by_one = copy.deepcopy(model)
+    error = refresh_all(model, "cholesky_qr")
+    for (_, a), (_, b) in zip(tsvd_layers(model), tsvd_layers(one_by_one)):
+        b.refresh("cholesky_qr")
+        for x, y in zip(a.raw_and_cached(), b.raw_and_cached()):
+            torch.testing.assert_close(x[0], y[0], rtol=0, atol=1e-6)
+            torch.testing.assert_close(x[1], y[1], rtol=0, atol=1e-6)
+    assert error <= 1e-5
+
+
 def test_resize_keeps_top_directions_and_loads_into_a_fresh_layer():
     layer = TSVDLinear(32, 48, TSVDConfig(init_rank_fraction=0.5))
     with torch.no_grad():
@@ -220,7 +260,7 @@ class OrthoChecker(L.Callback):
 
 
 @pytest.mark.parametrize("optim", ["adamw", "muon"])
-@pytest.mark.parametrize("ortho,every", [("qr", 1), ("newton_schulz", 2)])
+@pytest.mark.parametrize("ortho,every", [("cholesky_qr", 1), ("qr", 1), ("newton_schulz", 2)])
 def test_factors_orthonormal_at_every_forward_and_step(tiny_cfg, optim, ortho, every):
     checker = OrthoChecker()
     cfg = tsvd_cfg(tiny_cfg, **{"optim.name": optim, "model.tsvd.ortho_method": ortho,

@@ -3,7 +3,7 @@
 Kamali et al., arXiv 2605.28573 (DESIGN.md section 4): U, V of W = U·diag(s)·Vᵀ must be orthonormal at
 every forward; the layer forwards with a cached orthonormal copy, and this callback renews the cache every
 ``model.tsvd.refresh_every`` optimizer steps: Q = orth(U_raw), U_ortho := Q, U_raw := Q (a QR / polar
-retraction, :meth:`pc_lightning.layers.tsvd_linear.TSVDLinear.refresh`).
+retraction, :func:`pc_lightning.layers.tsvd_linear.retract`), all same-shape factors of the model as one stack.
 
 Logged (every ``trainer.log_every`` steps, as Lightning samples ``self.log``): ``tsvd/ortho_error`` =
 max over layers of max(‖UᵀU − I‖∞, ‖VᵀV − I‖∞) after the refresh, and ``tsvd/refresh_ms``, the wall time
@@ -19,29 +19,20 @@ import torch
 from torch import nn
 
 from pc_lightning.distributed import full_parameters
-from pc_lightning.layers.tsvd_linear import TSVDLinear
-
-# Newton-Schulz is accepted when it reaches this error; otherwise the refresh falls back to QR. Kept ten
-# times below the 1e-4 the layer promises, above fp32 round-off of a QR at the widths we train.
-NS_FALLBACK_TOLERANCE = 1e-5
+from pc_lightning.layers.tsvd_linear import TSVDLinear, retract
 
 
 def tsvd_layers(model: nn.Module) -> list[tuple[str, TSVDLinear]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, TSVDLinear)]
 
 
-@torch.no_grad()
 def refresh_all(model: nn.Module, method: str) -> float:
-    """Refresh every TSVD layer; returns the largest orthonormality error afterwards (one host sync)."""
+    """Refresh every TSVD layer, same-shape factors as one stack; returns the largest orthonormality error
+    afterwards (ends in a host sync)."""
     layers = [layer for _, layer in tsvd_layers(model)]
     if not layers:
         return 0.0
-    for layer in layers:
-        layer.refresh(method)
-    error = float(torch.stack([layer.orthonormality_error() for layer in layers]).max())
-    if method != "qr" and error > NS_FALLBACK_TOLERANCE:
-        return refresh_all(model, "qr")
-    return error
+    return retract([pair for layer in layers for pair in layer.raw_and_cached()], method, layers[0].cfg.ns_steps)
 
 
 class OrthoRefresh(L.Callback):

@@ -19,8 +19,9 @@ detail that is not in the paragraph above as a possible deviation from the paper
 How orthonormality and gradients are reconciled here:
 
 * Trainable parameters ``U`` (m×r), ``V`` (n×r), ``s`` (r) are unconstrained. Buffers ``U_ortho`` and
-  ``V_ortho`` hold an orthonormalised copy (QR with a positive-diagonal sign fix, or a few cubic
-  Newton-Schulz polar steps X ← X(3I − XᵀX)/2, ``ortho_method``). Every forward uses the *cached* copies,
+  ``V_ortho`` hold an orthonormalised copy (``ortho_method``: the Q of the QR factorisation with a positive
+  diagonal, computed by Cholesky-QR (default) or Householder QR, or a few cubic Newton-Schulz polar steps
+  X ← X(3I − XᵀX)/2; :func:`orthonormalize`). Every forward uses the *cached* copies,
   so ‖UᵀU − I‖∞ stays at round-off at every forward, between refreshes too.
 * Gradients reach the raw parameters by a straight-through map: the forward value is the cached factor,
   the backward passes ∂L/∂U_ortho to ``U`` unchanged (:func:`straight_through`). The optimizer thus takes
@@ -51,6 +52,7 @@ to [r_min, r_max].
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -73,32 +75,72 @@ def straight_through(raw: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
     return cached + (raw - raw.detach())
 
 
+# Cholesky-QR and Newton-Schulz results are accepted when they reach this error; otherwise the retraction
+# falls back to Householder QR. Ten times below the 1e-4 the layer promises, above fp32 round-off of a QR.
+FALLBACK_TOLERANCE = 1e-5
+
+
 def orthonormality_error(q: torch.Tensor) -> torch.Tensor:
-    """‖QᵀQ − I‖∞ (max absolute entry), computed in fp32."""
+    """‖QᵀQ − I‖∞ (max absolute entry, over the stack too for (B, n, r)), computed in fp32; NaN stays NaN."""
     q = q.detach().float()
-    gram = q.T @ q
-    return (gram - torch.eye(gram.shape[0], device=q.device)).abs().max()
+    gram = q.mT @ q
+    return (gram - torch.eye(gram.shape[-1], device=q.device)).abs().amax()
 
 
 def orthonormalize(x: torch.Tensor, method: str, ns_steps: int = 5) -> torch.Tensor:
-    """Orthonormal columns spanning (close to) x's, in fp32.
+    """Orthonormal columns spanning (close to) x's, in fp32; x is (n, r) or a stack (B, n, r).
 
-    ``qr``: Q of x = QR with the signs fixed so that diag(R) > 0 (the QR retraction; without the fix a
-    column could flip sign between refreshes). ``newton_schulz``: cubic Newton-Schulz iteration towards the
-    polar factor, X ← X(3I − XᵀX)/2; it converges quadratically for singular values in (0, √3), which holds
-    for a raw factor a few optimizer steps away from orthonormal; the caller checks the result.
+    ``qr``: Q of the Householder QR x = QR with the signs fixed so that diag(R) > 0 (the QR retraction; without
+    the fix a column could flip sign between refreshes). ``cholesky_qr``: the same Q (the QR factorisation with
+    diag(R) > 0 is unique) as Q = x·R⁻¹ with RᵀR = xᵀx the Cholesky factorisation of the r×r Gram matrix: one
+    Gram product, a small Cholesky and a triangular solve, all matmul-like and batched, where Householder QR is
+    a long chain of small panel operations (slow on GPUs). Its error grows like the round-off times cond(x)²,
+    tiny for a raw factor one optimizer step away from orthonormal; where the Cholesky factorisation fails the
+    result is NaN. ``newton_schulz``: cubic Newton-Schulz iteration towards the polar factor,
+    X ← X(3I − XᵀX)/2; it converges quadratically for singular values in (0, √3). For the last two the caller
+    checks the result (:func:`retract`).
     """
     x = x.float()
     if method == "qr":
         q, r = torch.linalg.qr(x)
-        sign = torch.sign(torch.diagonal(r))
-        return q * torch.where(sign == 0, torch.ones_like(sign), sign)
+        sign = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
+        return q * torch.where(sign == 0, torch.ones_like(sign), sign).unsqueeze(-2)
+    if method == "cholesky_qr":
+        r, info = torch.linalg.cholesky_ex(x.mT @ x, upper=True)
+        q = torch.linalg.solve_triangular(r, x, upper=True, left=False)
+        return torch.where((info == 0)[..., None, None], q, torch.full_like(q, float("nan")))
     if method == "newton_schulz":
-        eye = torch.eye(x.shape[1], device=x.device)
+        eye = torch.eye(x.shape[-1], device=x.device)
         for _ in range(ns_steps):
-            x = x @ (1.5 * eye - 0.5 * (x.T @ x))
+            x = x @ (1.5 * eye - 0.5 * (x.mT @ x))
         return x
     raise ValueError(f"unknown ortho_method {method!r}")
+
+
+@torch.no_grad()
+def retract(factors: Sequence[tuple[torch.Tensor, torch.Tensor]], method: str, ns_steps: int = 5) -> float:
+    """The retraction of raw factors onto orthonormal ones: for each (raw, cache), Q = orth(raw) is written into
+    the cache *and* the raw parameter. Same-shape factors are orthonormalised as one stack (a handful of
+    launches per shape instead of per matrix). ``cholesky_qr`` / ``newton_schulz`` results above
+    FALLBACK_TOLERANCE (or NaN) are redone with Householder QR. Returns the largest orthonormality error
+    afterwards (one or two host syncs)."""
+    groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for raw, cache in factors:
+        groups.setdefault((tuple(raw.shape), raw.dtype, raw.device), []).append((raw, cache))
+    stacks = [torch.stack([raw for raw, _ in group]) for group in groups.values()]
+    qs = [orthonormalize(x, method, ns_steps).to(x.dtype) for x in stacks]
+    errors = [orthonormality_error(q) for q in qs]
+    if method != "qr":
+        accepted = (torch.stack(errors) <= FALLBACK_TOLERANCE).tolist()  # NaN compares False
+        for i, ok in enumerate(accepted):
+            if not ok:
+                qs[i] = orthonormalize(stacks[i], "qr").to(stacks[i].dtype)
+                errors[i] = orthonormality_error(qs[i])
+    for group, q in zip(groups.values(), qs):
+        for (raw, cache), q_i in zip(group, q):
+            cache.copy_(q_i)
+            raw.copy_(q_i)
+    return float(torch.stack(errors).max()) if errors else 0.0
 
 
 def rank_bounds(in_features: int, out_features: int, cfg: TSVDConfig) -> tuple[int, int]:
@@ -159,14 +201,14 @@ class TSVDLinear(nn.Module):
         self.U_ortho = u.to(dtype).clone()
         self.V_ortho = v.to(dtype).clone()
 
-    @torch.no_grad()
-    def refresh(self, method: str | None = None) -> None:
-        """Orthonormalise the raw factors, cache them and write them back into the parameters (retraction)."""
-        method = method or self.cfg.ortho_method
-        for raw, cache in ((self.U, self.U_ortho), (self.V, self.V_ortho)):
-            q = orthonormalize(raw, method, self.cfg.ns_steps).to(raw.dtype)
-            cache.copy_(q)
-            raw.copy_(q)
+    def raw_and_cached(self) -> tuple[tuple[nn.Parameter, torch.Tensor], ...]:
+        """(raw parameter, cached orthonormal copy) for U and V: what :func:`retract` works on."""
+        return (self.U, self.U_ortho), (self.V, self.V_ortho)
+
+    def refresh(self, method: str | None = None) -> float:
+        """Orthonormalise the raw factors, cache them and write them back into the parameters (retraction);
+        returns the orthonormality error afterwards. Whole models: ``ortho_refresh.refresh_all`` (batched)."""
+        return retract(self.raw_and_cached(), method or self.cfg.ortho_method, self.cfg.ns_steps)
 
     @torch.no_grad()
     def orthonormality_error(self) -> torch.Tensor:

@@ -155,6 +155,27 @@ def test_retraction_falls_back_to_householder_when_cholesky_fails():
     assert float(layer.orthonormality_error()) <= 1e-5 and torch.equal(layer.U, layer.U_ortho)
 
 
+def test_retraction_runs_at_ieee_fp32_whatever_the_run_set(monkeypatch):
+    """TF32 (precision high/medium, common on GPUs) would leave ‖QᵀQ − I‖ near 1e-3: the retraction switches
+    to full fp32 matmuls for its own work and restores the run's choice afterwards."""
+    import pc_lightning.layers.tsvd_linear as tsvd
+
+    seen = []
+    real = tsvd.orthonormalize
+    monkeypatch.setattr(tsvd, "orthonormalize",
+                        lambda *a, **k: seen.append(torch.get_float32_matmul_precision()) or real(*a, **k))
+    layer = TSVDLinear(32, 48, TSVDConfig())
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        layer.refresh()
+        layer.resize(layer.rank + 4)
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert seen and set(seen) == {"highest"}
+
+
 def test_model_refresh_is_batched_and_equals_per_layer_refresh(tiny_cfg):
     from pc_lightning.model import Llama
 

@@ -51,6 +51,7 @@ to [r_min, r_max].
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -78,6 +79,21 @@ def straight_through(raw: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
 # Cholesky-QR and Newton-Schulz results are accepted when they reach this error; otherwise the retraction
 # falls back to Householder QR. Ten times below the 1e-4 the layer promises, above fp32 round-off of a QR.
 FALLBACK_TOLERANCE = 1e-5
+
+
+@contextlib.contextmanager
+def ieee_fp32_matmuls():
+    """fp32 matmuls at full precision inside, whatever the run chose (``torch.set_float32_matmul_precision``).
+
+    With TF32 (precision ``high``/``medium``, common on GPUs) a Gram product carries a 10-bit mantissa, so
+    ‖QᵀQ − I‖ would sit near 1e-3, far above the 1e-4 this layer promises; the retraction and the resize run
+    their few small matmuls at IEEE precision instead."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def orthonormality_error(q: torch.Tensor) -> torch.Tensor:
@@ -128,14 +144,15 @@ def retract(factors: Sequence[tuple[torch.Tensor, torch.Tensor]], method: str, n
     for raw, cache in factors:
         groups.setdefault((tuple(raw.shape), raw.dtype, raw.device), []).append((raw, cache))
     stacks = [torch.stack([raw for raw, _ in group]) for group in groups.values()]
-    qs = [orthonormalize(x, method, ns_steps).to(x.dtype) for x in stacks]
-    errors = [orthonormality_error(q) for q in qs]
-    if method != "qr":
-        accepted = (torch.stack(errors) <= FALLBACK_TOLERANCE).tolist()  # NaN compares False
-        for i, ok in enumerate(accepted):
-            if not ok:
-                qs[i] = orthonormalize(stacks[i], "qr").to(stacks[i].dtype)
-                errors[i] = orthonormality_error(qs[i])
+    with ieee_fp32_matmuls():
+        qs = [orthonormalize(x, method, ns_steps).to(x.dtype) for x in stacks]
+        errors = [orthonormality_error(q) for q in qs]
+        if method != "qr":
+            accepted = (torch.stack(errors) <= FALLBACK_TOLERANCE).tolist()  # NaN compares False
+            for i, ok in enumerate(accepted):
+                if not ok:
+                    qs[i] = orthonormalize(stacks[i], "qr").to(stacks[i].dtype)
+                    errors[i] = orthonormality_error(qs[i])
     for group, q in zip(groups.values(), qs):
         for (raw, cache), q_i in zip(group, q):
             cache.copy_(q_i)
@@ -231,8 +248,9 @@ class TSVDLinear(nn.Module):
         u, v, s = self.U_ortho[:, keep].float(), self.V_ortho[:, keep].float(), self.s[keep].float()
         grow = new_rank - keep.numel()
         if grow > 0:
-            u = torch.cat([u, self._orthonormal_complement(u, grow)], dim=1)
-            v = torch.cat([v, self._orthonormal_complement(v, grow)], dim=1)
+            with ieee_fp32_matmuls():  # the new directions must be orthogonal to the kept ones to round-off
+                u = torch.cat([u, self._orthonormal_complement(u, grow)], dim=1)
+                v = torch.cat([v, self._orthonormal_complement(v, grow)], dim=1)
             s = torch.cat([s, s.new_zeros(grow)])
         self._set_factors(u, s, v)
         return keep

@@ -145,15 +145,18 @@ def retract(factors: Sequence[tuple[torch.Tensor, torch.Tensor]], method: str, n
         groups.setdefault((tuple(raw.shape), raw.dtype, raw.device), []).append((raw, cache))
     stacks = [torch.stack([raw for raw, _ in group]) for group in groups.values()]
     with ieee_fp32_matmuls():
-        qs = [orthonormalize(x, method, ns_steps).to(x.dtype) for x in stacks]
+        qs = [orthonormalize(x, method, ns_steps) for x in stacks]  # fp32
         errors = [orthonormality_error(q) for q in qs]
         if method != "qr":
             accepted = (torch.stack(errors) <= FALLBACK_TOLERANCE).tolist()  # NaN compares False
             for i, ok in enumerate(accepted):
                 if not ok:
-                    qs[i] = orthonormalize(stacks[i], "qr").to(stacks[i].dtype)
+                    qs[i] = orthonormalize(stacks[i], "qr")
                     errors[i] = orthonormality_error(qs[i])
-    for group, q in zip(groups.values(), qs):
+        stored = [q.to(x.dtype) for q, x in zip(qs, stacks)]
+        # what the forward will use: the same as the fp32 result unless the factors are kept in lower precision
+        errors = [e if q.dtype == torch.float32 else orthonormality_error(q) for e, q in zip(errors, stored)]
+    for group, q in zip(groups.values(), stored):
         for (raw, cache), q_i in zip(group, q):
             cache.copy_(q_i)
             raw.copy_(q_i)

@@ -116,47 +116,57 @@ def group_by_shape(layers: Sequence[PCLinear]) -> list[list[int]]:
     return list(groups.values())
 
 
+def power_iterate(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``steps`` power-iteration steps on a stack: v ← Wᵀu/‖Wᵀu‖, u ← Wv/‖Wv‖; w (B, m, n), u (B, m), v (B, n)."""
+    for _ in range(steps):
+        v = F.normalize(torch.einsum("bmn,bm->bn", w, u), dim=-1)
+        u = F.normalize(torch.einsum("bmn,bn->bm", w, v), dim=-1)
+    return u, v
+
+
+def group_effective_weight(w: torch.Tensor, gamma: torch.Tensor, u: torch.Tensor, v: torch.Tensor, level: int,
+                           normalizer: str, recover_w_norm: bool, eps: float) -> torch.Tensor:
+    """W_eff = scale·g(Ŵ) for a stack of same-shape weights w (B, m, n) with gains γ (B,) and power-iteration
+    vectors u (B, m), v (B, n): σ̂ = uᵀWv and Ŵ = W/(σ̂ + ε) in fp32, the polynomial in the ambient dtype."""
+    with torch.autocast(device_type=w.device.type, enabled=False):  # fp32 normaliser
+        w = at_least_fp32(w)
+        gamma = at_least_fp32(gamma)
+        if normalizer == "spectral":
+            sigma = torch.einsum("bm,bmn,bn->b", at_least_fp32(u), w, at_least_fp32(v))
+            w_hat = w / (sigma + eps)[:, None, None]
+            scale = gamma * sigma.detach() if recover_w_norm else gamma
+        else:
+            w_hat, scale = w, gamma
+    return scale[:, None, None] * at_least_fp32(apply_polynomial(w_hat, level))
+
+
 @torch.no_grad()
 def power_iteration(layers: Sequence[PCLinear], steps: int | None = None) -> None:
-    """Refine u, v towards W's top singular vectors: v ← Wᵀu/‖Wᵀu‖, u ← Wv/‖Wv‖ (warm-started, fp32).
-
-    Batched over same-shape layers; ``steps`` defaults to each layer's ``power_iters``.
-    """
+    """Refine u, v towards W's top singular vectors (warm-started, fp32), batched over same-shape layers;
+    ``steps`` defaults to each layer's ``power_iters``."""
     for idx in group_by_shape(layers):
         group = [layers[i] for i in idx]
         w = at_least_fp32(torch.stack([layer.weight.detach() for layer in group]))
         u = at_least_fp32(torch.stack([layer.u for layer in group]))
         v = at_least_fp32(torch.stack([layer.v for layer in group]))
-        for _ in range(group[0].power_iters if steps is None else steps):
-            v = F.normalize(torch.einsum("bmn,bm->bn", w, u), dim=-1)
-            u = F.normalize(torch.einsum("bmn,bn->bm", w, v), dim=-1)
-        for j, layer in enumerate(group):
-            layer.u.copy_(u[j])
-            layer.v.copy_(v[j])
+        u, v = power_iterate(w, u, v, group[0].power_iters if steps is None else steps)
+        torch._foreach_copy_([layer.u for layer in group], list(u.unbind()))
+        torch._foreach_copy_([layer.v for layer in group], list(v.unbind()))
 
 
 def effective_weights(layers: Sequence[PCLinear]) -> list[torch.Tensor]:
     """W_eff (fp32; fp64 for fp64 weights) of every layer, differentiable w.r.t. weight and γ.
 
-    One batched normaliser and polynomial per group of same-shape layers.
+    One batched normaliser and polynomial per group of same-shape layers (:func:`group_effective_weight`).
     """
     out: list[torch.Tensor | None] = [None] * len(layers)
     for idx in group_by_shape(layers):
         group = [layers[i] for i in idx]
         first = group[0]
-        w = torch.stack([layer.weight for layer in group])
-        gamma = at_least_fp32(torch.cat([layer.gamma.reshape(1) for layer in group]))
-        with torch.autocast(device_type=w.device.type, enabled=False):  # fp32 normaliser
-            w = at_least_fp32(w)
-            if first.normalizer == "spectral":
-                u = at_least_fp32(torch.stack([layer.u for layer in group]))
-                v = at_least_fp32(torch.stack([layer.v for layer in group]))
-                sigma = torch.einsum("bm,bmn,bn->b", u, w, v)
-                w_hat = w / (sigma + first.eps)[:, None, None]
-                scale = gamma * sigma.detach() if first.recover_w_norm else gamma
-            else:
-                w_hat, scale = w, gamma
-        w_eff = scale[:, None, None] * at_least_fp32(apply_polynomial(w_hat, first.level))
+        w_eff = group_effective_weight(
+            torch.stack([layer.weight for layer in group]), torch.cat([layer.gamma.reshape(1) for layer in group]),
+            torch.stack([layer.u for layer in group]), torch.stack([layer.v for layer in group]),
+            first.level, first.normalizer, first.recover_w_norm, first.eps)
         for j, i in enumerate(idx):
             out[i] = w_eff[j]
     return out  # type: ignore[return-value]

@@ -6,7 +6,8 @@ Each trial is one :func:`pc_lightning.train.train` run, nested under the study's
 * **Budget = finished trials.** ``n_trials`` counts COMPLETE + PRUNED trials. Before each trial the worker
   counts them, plus trials RUNNING in other live workers and WAITING retries; it starts a trial only while
   that total is below ``n_trials`` (or a retry is waiting), and it waits for running trials of other
-  workers before exiting. So an interrupted study resumes where it stopped, and no trial is run twice.
+  workers before exiting. So an interrupted study resumes where it stopped, and no trial is run twice. Local
+  workers count under a file lock (:mod:`pc_lightning.sweep.start_lock`), so they cannot all take the last slot.
 * **Crashes are retried.** RDB storages (SQLite, PostgreSQL, ...) record a heartbeat every
   ``heartbeat.interval`` seconds; a trial silent for ``heartbeat.grace_period`` seconds (its worker was
   killed) is failed and re-queued with the same parameters by ``RetryHeartbeatStaleTrialCallback``; its MLflow run
@@ -67,6 +68,7 @@ from pc_lightning.config import ConfigError, ExperimentConfig
 from pc_lightning.distributed import exit_follower, leave_together
 from pc_lightning.sweep import runs
 from pc_lightning.sweep.pruning import OptunaPruning
+from pc_lightning.sweep.start_lock import StartLock
 from pc_lightning.train import train, world_size
 from pc_lightning.sweep.space import (SweepSpec, build_pruner, build_sampler, compose_config, is_journal, load_spec,
                                       storage_url, suggest)
@@ -244,25 +246,38 @@ def trial_counts(study: optuna.Study) -> dict[TrialState, int]:
 
 
 def work(study: optuna.Study, spec: SweepSpec, n_trials: int, objective, timeout: float | None,
-         heartbeat: bool, ranks: Ranks | None = None) -> None:
+         heartbeat: bool, ranks: Ranks | None = None, lock: StartLock | None = None) -> None:
     """One worker's loop: run trials until n_trials are finished (by anyone), or the timeout is reached.
-    With ranks, rank 0 tells the others each step (:func:`follow_rank_zero`)."""
+    With ranks, rank 0 tells the others each step (:func:`follow_rank_zero`). ``lock`` is held from the count
+    until the new trial is RUNNING in the storage (:mod:`pc_lightning.sweep.start_lock`)."""
     tell = ranks.share if ranks is not None else (lambda command: None)
+    lock = lock or StartLock("")
+
+    def started(trial: optuna.Trial):
+        lock.release()  # the trial is RUNNING in the storage: other workers' counts include it now
+        return objective(trial)
+
     deadline = None if timeout is None else time.monotonic() + timeout
-    while deadline is None or time.monotonic() < deadline:
-        if heartbeat:
-            optuna.storages.fail_stale_trials(study)  # may queue WAITING retries
-        counts = trial_counts(study)
-        finished = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
-        running = counts[TrialState.RUNNING] if heartbeat else 0
-        if finished >= n_trials:
-            break
-        if counts[TrialState.WAITING] == 0 and finished + running >= n_trials:
-            time.sleep(spec.heartbeat.interval)  # the last trials run elsewhere (or wait to be found stale)
-            tell(WAIT)  # keeps the other ranks' broadcast within the process group's timeout
-            continue
-        tell(TRIAL)
-        study.optimize(objective, n_trials=1)  # an error fails the trial and stops this command
+    try:
+        while deadline is None or time.monotonic() < deadline:
+            lock.acquire()
+            if heartbeat:
+                optuna.storages.fail_stale_trials(study)  # may queue WAITING retries
+            counts = trial_counts(study)
+            finished = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
+            running = counts[TrialState.RUNNING] if heartbeat else 0
+            if finished >= n_trials:
+                break
+            if counts[TrialState.WAITING] == 0 and finished + running >= n_trials:
+                lock.release()
+                time.sleep(spec.heartbeat.interval)  # the last trials run elsewhere (or wait to be found stale)
+                tell(WAIT)  # keeps the other ranks' broadcast within the process group's timeout
+                continue
+            tell(TRIAL)
+            study.optimize(started, n_trials=1)  # an error fails the trial and stops this command
+            lock.release()
+    finally:
+        lock.release()
     tell(STOP)
 
 
@@ -320,7 +335,8 @@ def run_sweep(spec_path: str, workers: int = 1, n_trials: int | None = None, sto
             rc = spawn_workers(spec_path, workers, n_total, url, overrides, worker_index)
         else:
             objective = make_objective(spec, overrides, parent_id, mlflow_client, ranks)
-            work(study, spec, n_total, objective, spec.timeout, heartbeat=not is_journal(url), ranks=ranks)
+            work(study, spec, n_total, objective, spec.timeout, heartbeat=not is_journal(url), ranks=ranks,
+                 lock=StartLock(url))
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (Lightning raises SIGTERMException)
         if not is_worker_process:
             mlflow_client.set_terminated(parent_id, "KILLED")

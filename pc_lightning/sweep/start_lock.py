@@ -14,12 +14,14 @@ import fcntl
 from pathlib import Path
 from typing import IO
 
+from pc_lightning.sweep.space import is_journal
+
 
 def lock_path(url: str) -> Path | None:
     """``<storage file>.start.lock`` for ``sqlite:///path`` and journal-file storages, else None."""
     if url.startswith("sqlite:///"):
         return Path(url[len("sqlite:///"):] + ".start.lock")
-    if "://" not in url:  # a journal file
+    if is_journal(url):
         return Path(url + ".start.lock")
     return None
 

@@ -246,12 +246,11 @@ def trial_counts(study: optuna.Study) -> dict[TrialState, int]:
 
 
 def work(study: optuna.Study, spec: SweepSpec, n_trials: int, objective, timeout: float | None,
-         heartbeat: bool, ranks: Ranks | None = None, lock: StartLock | None = None) -> None:
+         heartbeat: bool, lock: StartLock, ranks: Ranks | None = None) -> None:
     """One worker's loop: run trials until n_trials are finished (by anyone), or the timeout is reached.
     With ranks, rank 0 tells the others each step (:func:`follow_rank_zero`). ``lock`` is held from the count
     until the new trial is RUNNING in the storage (:mod:`pc_lightning.sweep.start_lock`)."""
     tell = ranks.share if ranks is not None else (lambda command: None)
-    lock = lock or StartLock("")
 
     def started(trial: optuna.Trial):
         lock.release()  # the trial is RUNNING in the storage: other workers' counts include it now
@@ -335,8 +334,8 @@ def run_sweep(spec_path: str, workers: int = 1, n_trials: int | None = None, sto
             rc = spawn_workers(spec_path, workers, n_total, url, overrides, worker_index)
         else:
             objective = make_objective(spec, overrides, parent_id, mlflow_client, ranks)
-            work(study, spec, n_total, objective, spec.timeout, heartbeat=not is_journal(url), ranks=ranks,
-                 lock=StartLock(url))
+            work(study, spec, n_total, objective, spec.timeout, heartbeat=not is_journal(url), lock=StartLock(url),
+                 ranks=ranks)
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (Lightning raises SIGTERMException)
         if not is_worker_process:
             mlflow_client.set_terminated(parent_id, "KILLED")

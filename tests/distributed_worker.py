@@ -58,6 +58,14 @@ class CPUFSDPStrategy(FSDPStrategy):
         return super()._setup_model(model)
 
 
+def cpu_strategy(cfg):
+    """:func:`lightning_strategy`, with FSDP running on CPU processes through :class:`CPUFSDPStrategy`."""
+    strategy = lightning_strategy(cfg)
+    if type(strategy) is FSDPStrategy:  # the same strategy object, with the CPU wrapping of the test subclass
+        strategy.__class__ = CPUFSDPStrategy
+    return strategy
+
+
 class Record(L.Callback):
     """Training loss and TSVD ranks after every optimizer step."""
 
@@ -84,11 +92,8 @@ def fit_run(out: str, overrides: list[str]) -> None:
                                     accumulate=cfg.trainer.accumulate_grad_batches)
     datamodule.prepared = prepared
     record = Record()
-    strategy = lightning_strategy(cfg)
-    if type(strategy) is FSDPStrategy:  # the same strategy object, with the CPU wrapping of the test subclass
-        strategy.__class__ = CPUFSDPStrategy
     trainer = L.Trainer(
-        accelerator="cpu", devices=cfg.trainer.devices, strategy=strategy, precision="32-true",
+        accelerator="cpu", devices=cfg.trainer.devices, strategy=cpu_strategy(cfg), precision="32-true",
         max_steps=total_steps, max_epochs=-1, accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
         gradient_clip_val=cfg.optim.grad_clip or None, limit_val_batches=0, num_sanity_val_steps=0,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -117,18 +122,12 @@ def cpu_fsdp_checkpoints() -> None:
 
     import pc_lightning.train
 
-    def strategy(cfg):
-        chosen = lightning_strategy(cfg)
-        if type(chosen) is FSDPStrategy:
-            chosen.__class__ = CPUFSDPStrategy
-        return chosen
-
     def full_state_dict_context(module, world_size: int, rank0_only: bool = True):
         return FullyShardedDataParallel.state_dict_type(
             module, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
             FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only))
 
-    pc_lightning.train.lightning_strategy = strategy
+    pc_lightning.train.lightning_strategy = cpu_strategy
     lightning_fsdp._get_full_state_dict_context = full_state_dict_context
 
 

@@ -458,6 +458,11 @@ def _require(cond: bool, key: str, message: str) -> None:
         raise ConfigError(key, message)
 
 
+def is_fsdp(strategy: str) -> bool:
+    """``trainer.strategy`` names a fully sharded strategy (fsdp, fsdp_cpu_offload, ...)."""
+    return strategy.startswith("fsdp")
+
+
 def validate(cfg: ExperimentConfig) -> None:
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.trainer
     for key in ("d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
@@ -528,7 +533,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(t.val_every >= 1, "trainer.val_every", "must be >= 1")
     _require(t.log_every >= 1, "trainer.log_every", "must be >= 1")
     _require(t.checkpoint_every >= 1, "trainer.checkpoint_every", "must be >= 1")
-    if t.strategy.startswith("fsdp"):  # what needs whole matrices outside the forward (pc_lightning/distributed.py)
+    if is_fsdp(t.strategy):  # what needs whole matrices outside the forward (pc_lightning/distributed.py)
         _require(m.pc.evaluate != "step", "model.pc.evaluate",
                  "step (PCStep, W_eff outside the forward) cannot run on FSDP's sharded weights; use auto or forward")
         _require(not (m.linear == "pc" and m.pc.merge_on_end), "model.pc.merge_on_end",

@@ -32,11 +32,7 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import FSDPStrategy, Strategy
 from torch.distributed.fsdp import FullyShardedDataParallel
 
-from pc_lightning.config import ExperimentConfig
-
-
-def is_fsdp(strategy: str) -> bool:
-    return strategy.startswith("fsdp")
+from pc_lightning.config import ExperimentConfig, is_fsdp
 
 
 def pc_evaluation(cfg: ExperimentConfig) -> str:
@@ -69,6 +65,11 @@ def full_parameters(strategy: Strategy, writeback: bool = True) -> contextlib.Ab
     if isinstance(strategy.model, FullyShardedDataParallel):
         return FullyShardedDataParallel.summon_full_params(strategy.model, writeback=writeback)
     return contextlib.nullcontext()
+
+
+def multi_process() -> bool:
+    """This process is one of several in an initialised process group."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def leave_together(group: dist.ProcessGroup | None = None) -> None:

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from pc_lightning.distributed import multi_process
 from pc_lightning.layers.pc_linear import PCLinear, effective_weights, power_iteration
 
 
@@ -49,10 +50,6 @@ def pc_parameter_names(model: nn.Module) -> list[str]:
     """Names of the raw PC weights and learnable gains, the parameters PCStep gives their gradient."""
     return [name for name, param in model.named_parameters()
             if isinstance(model.get_submodule(name.rpartition(".")[0]), PCLinear)]
-
-
-def distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class PCStep(L.Callback):
@@ -71,7 +68,7 @@ class PCStep(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Same raw PC parameters on every rank (DDP broadcasts all other parameters when it wraps the model)."""
-        if distributed():
+        if multi_process():
             for layer in self._layers:
                 for param in layer.parameters():
                     dist.broadcast(param.data, src=0)
@@ -108,7 +105,7 @@ class PCStep(L.Callback):
             return
         grads = [layer.step_weight.grad if layer.step_weight.grad is not None
                  else torch.zeros_like(layer.step_weight) for layer in self._layers]
-        if distributed():
+        if multi_process():
             flat = torch.cat([g.reshape(-1) for g in grads])
             dist.all_reduce(flat)
             flat /= dist.get_world_size()

@@ -162,6 +162,11 @@ class OptimConfig:
         default_factory=lambda: [1.0, 2**-0.5, 0.5, 2**-1.5, 0.25]
     )
 
+    @property
+    def gauss_newton(self) -> bool:
+        """Full or layer-wise Gauss-Newton: manual optimisation over stacked batches (modules/gauss_newton.py)."""
+        return self.name in ("gn", "gn_layerwise")
+
 
 @dataclass
 class TrainerConfig:
@@ -547,7 +552,7 @@ def validate(cfg: ExperimentConfig) -> None:
                  "per-layer gradient norms would be norms of each rank's FSDP shard; turn it off or use ddp")
         _require(not cfg.monitor.spike.enabled, "monitor.spike.enabled",
                  "the spike rule's gradient norm would be one rank's FSDP shard's; turn it off or use ddp")
-    if o.name in ("gn", "gn_layerwise"):
+    if o.gauss_newton:
         _require(t.accumulate_grad_batches == 1, "trainer.accumulate_grad_batches",
                  "Gauss-Newton uses manual optimisation; leave accumulate_grad_batches at 1")
         # Every model variant composes with GN (PC, TSVD, z-loss, norms); compile does not: dynamo refuses to
@@ -564,7 +569,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(sp.rollback_steps_back >= 1, "monitor.spike.rollback_steps_back", "must be >= 1")
     _require(sp.rollback_skip_batches >= 0, "monitor.spike.rollback_skip_batches", "must be >= 0")
     if sp.enabled and sp.action != "log":
-        _require(o.name not in ("gn", "gn_layerwise"), "monitor.spike.action",
+        _require(not o.gauss_newton, "monitor.spike.action",
                  f"{sp.action} acts on Lightning's automatic optimizer step; Gauss-Newton runs support action=log")
         _require(sp.action != "skip" or t.precision != "16-mixed", "monitor.spike.action",
                  "skip drops the step's gradients, which the fp16 grad scaler refuses; use bf16-mixed or 32-true")
@@ -574,7 +579,7 @@ def validate(cfg: ExperimentConfig) -> None:
 
 def batches_per_step(cfg: ExperimentConfig) -> int:
     """Batches (per rank) one optimizer step consumes: a Gauss-Newton outer step takes inner_steps + 1."""
-    if cfg.optim.name in ("gn", "gn_layerwise"):
+    if cfg.optim.gauss_newton:
         return cfg.optim.inner_steps + 1
     return cfg.trainer.accumulate_grad_batches
 

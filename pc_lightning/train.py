@@ -136,7 +136,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None, extra_callbacks: lis
     else:
         logger, run_id = DummyLogger(), None
 
-    gauss_newton = cfg.optim.name in ("gn", "gn_layerwise")  # manual optimisation, stacked batches
+    gauss_newton = cfg.optim.gauss_newton  # manual optimisation, stacked batches
     module = (GaussNewtonModule if gauss_newton else PretrainModule)(to_dict(cfg), total_steps=total_steps)
     datamodule = (GaussNewtonDataModule if gauss_newton else PretrainDataModule)(
         cfg.data, seed=cfg.trainer.seed, max_steps=total_steps, accumulate=batches_per_step(cfg))
@@ -167,7 +167,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None, extra_callbacks: lis
         accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
         strategy=lightning_strategy(cfg), precision=precision(cfg), max_steps=total_steps, max_epochs=-1,
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
-        gradient_clip_val=cfg.optim.grad_clip or None if cfg.optim.name not in ("gn", "gn_layerwise") else None,
+        gradient_clip_val=None if gauss_newton else cfg.optim.grad_clip or None,
         val_check_interval=cfg.trainer.val_every * cfg.trainer.accumulate_grad_batches,
         check_val_every_n_epoch=None, num_sanity_val_steps=0, log_every_n_steps=cfg.trainer.log_every,
         logger=logger, callbacks=callbacks, use_distributed_sampler=False, deterministic=cfg.trainer.deterministic,

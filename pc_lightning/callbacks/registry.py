@@ -16,7 +16,7 @@ def configured_callbacks(cfg: ExperimentConfig, module: L.LightningModule) -> li
     if cfg.model.linear == "pc":
         # Gauss-Newton differentiates the forward at parameters substituted by torch.func, which a per-step
         # W_eff cache would hide: its module runs the power iteration itself, the forward computes W_eff.
-        if cfg.optim.name not in ("gn", "gn_layerwise"):
+        if not cfg.optim.gauss_newton:
             from pc_lightning.distributed import pc_evaluation
 
             if pc_evaluation(cfg) == "step":

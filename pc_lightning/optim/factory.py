@@ -121,6 +121,6 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         return muon(params, cfg, also_decay=also_decay)
     if cfg.name == "soap":
         return soap(params, cfg, also_decay=also_decay)
-    if cfg.name in ("gn", "gn_layerwise"):
+    if cfg.gauss_newton:
         return build_inner_optimizer(model, cfg)
     raise ValueError(f"unknown optim.name={cfg.name}")

@@ -12,6 +12,7 @@ import math
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,15 +145,59 @@ def train(cfg: ExperimentConfig, resume: str | None = None, extra_callbacks: lis
 
     if lead:
         run_id = logger.run_id  # creates the MLflow run (or reopens the resumed one)
-        if ckpt_path is not None:
+    with _closed_on_exit(mlflow_client, run_id):
+        if lead and ckpt_path is not None:
             mlflow_client.update_run(run_id, status="RUNNING")
             _log_resume(mlflow_client, run_id, cfg, ckpt_path)
-        else:
+        elif lead:
             _log_config(logger, cfg, prepared, module, total_steps, tokens_per_step)
+        trainer, checkpoint, throughput = _trainer(cfg, logger, module, run_id, ckpt_path, world, total_steps,
+                                                   tokens_per_step, extra_callbacks, quiet)
+        status, message = "finished", ""
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+            if not math.isfinite(float(trainer.callback_metrics.get("val/loss", 0.0))):
+                status, message = "diverged", "validation loss is not finite"
+        except Diverged as e:
+            status, message = "diverged", str(e)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        if throughput.last_tokens_per_sec is not None:
+            metrics["perf/tokens_per_sec"] = throughput.last_tokens_per_sec
+        if run_id:
+            mlflow_client.set_tag(run_id, "status", status)
+            if status == "diverged":
+                mlflow_client.set_tag(run_id, "diverged_message", message)
+                mlflow_client.set_terminated(run_id, "FAILED")
+    return RunResult(run_id=run_id or "", status=status, step=trainer.global_step, metrics=metrics,
+                     checkpoint_dir=str(checkpoint.dirpath), message=message)
+
+
+@contextmanager
+def _closed_on_exit(mlflow_client, run_id: str | None):
+    """Whatever stops the run after its MLflow run exists (while logging the config, building the Trainer,
+    training, or closing) leaves that run closed: KILLED for Ctrl-C/SIGTERM, FAILED with the error otherwise.
+    Inside ``trainer.fit`` Lightning has already closed it as FAILED and written ``last.ckpt``."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        if run_id:
+            mlflow_client.set_terminated(run_id, "KILLED")
+            mlflow_client.set_tag(run_id, "status", "killed")
+        raise
+    except Exception as e:
+        if run_id:
+            mlflow_client.set_terminated(run_id, "FAILED")
+            mlflow_client.set_tag(run_id, "status", "failed")
+            mlflow_client.set_tag(run_id, "error", f"{type(e).__name__}: {e}"[:5000])
+        raise
+
+
+def _trainer(cfg: ExperimentConfig, logger, module: PretrainModule, run_id: str | None, ckpt_path: Path | None,
+             world: int, total_steps: int, tokens_per_step: int, extra_callbacks, quiet: bool):
+    """The Lightning Trainer of one run, with its checkpoint and throughput callbacks."""
     ckpt_dir = Path(cfg.trainer.checkpoint_dir) / cfg.name / (run_id or "run")
     if ckpt_path is not None:
         ckpt_dir = ckpt_path.parent
-
     # A checkpoint on exception needs collectives (barrier, file-exists reduce) among ranks that a Ctrl-C or a
     # crashed peer leaves out of step: with several processes it could deadlock until the launcher kills rank 0
     # (and its MLflow run is never closed), so there the last periodic checkpoint is what a resume starts from.
@@ -167,40 +212,13 @@ def train(cfg: ExperimentConfig, resume: str | None = None, extra_callbacks: lis
         accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
         strategy=lightning_strategy(cfg), precision=precision(cfg), max_steps=total_steps, max_epochs=-1,
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
-        gradient_clip_val=None if gauss_newton else cfg.optim.grad_clip or None,
+        gradient_clip_val=None if cfg.optim.gauss_newton else cfg.optim.grad_clip or None,
         val_check_interval=cfg.trainer.val_every * cfg.trainer.accumulate_grad_batches,
         check_val_every_n_epoch=None, num_sanity_val_steps=0, log_every_n_steps=cfg.trainer.log_every,
         logger=logger, callbacks=callbacks, use_distributed_sampler=False, deterministic=cfg.trainer.deterministic,
         enable_progress_bar=cfg.trainer.progress_bar and not quiet, enable_model_summary=not quiet,
     )
-    status, message = "finished", ""
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
-        if not math.isfinite(float(trainer.callback_metrics.get("val/loss", 0.0))):
-            status, message = "diverged", "validation loss is not finite"
-    except Diverged as e:
-        status, message = "diverged", str(e)
-    except (KeyboardInterrupt, SystemExit):
-        # Lightning already closed the run as FAILED and wrote last.ckpt; a Ctrl-C is a KILLED run.
-        if run_id:
-            mlflow_client.set_terminated(run_id, "KILLED")
-            mlflow_client.set_tag(run_id, "status", "killed")
-        raise
-    except Exception as e:
-        if run_id:
-            mlflow_client.set_tag(run_id, "status", "failed")
-            mlflow_client.set_tag(run_id, "error", f"{type(e).__name__}: {e}"[:5000])
-        raise
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    if throughput.last_tokens_per_sec is not None:
-        metrics["perf/tokens_per_sec"] = throughput.last_tokens_per_sec
-    if run_id:
-        mlflow_client.set_tag(run_id, "status", status)
-        if status == "diverged":
-            mlflow_client.set_tag(run_id, "diverged_message", message)
-            mlflow_client.set_terminated(run_id, "FAILED")
-    return RunResult(run_id=run_id or "", status=status, step=trainer.global_step, metrics=metrics,
-                     checkpoint_dir=str(checkpoint.dirpath or ckpt_dir), message=message)
+    return trainer, checkpoint, throughput
 
 
 def _log_resume(mlflow_client, run_id: str, cfg: ExperimentConfig, ckpt_path: Path) -> None:

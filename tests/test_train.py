@@ -128,6 +128,22 @@ def test_ctrl_c_kills_run(tiny_cfg):
     assert resumed.status == "finished"
 
 
+@pytest.mark.parametrize("exc, status, tag", [(KeyboardInterrupt(), "KILLED", "killed"),
+                                              (OSError("disk full"), "FAILED", "failed")])
+def test_stop_between_run_creation_and_training_closes_the_run(tiny_cfg, monkeypatch, exc, status, tag):
+    """A Ctrl-C (or an error) after the MLflow run exists but before Lightning's own handling starts, e.g.
+    while the config is logged: the run must not stay RUNNING (a sweep killed between trials hit this)."""
+    def stopped(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr("pc_lightning.train._log_config", stopped)
+    with pytest.raises(type(exc)):
+        train(tiny_cfg(name=f"early-{tag}"), quiet=True)
+    runs = client().search_runs([client().get_experiment_by_name("pc-lightning").experiment_id],
+                                filter_string=f"tags.`pcl.name` = 'early-{tag}'")
+    assert len(runs) == 1 and runs[0].info.status == status and runs[0].data.tags["status"] == tag
+
+
 # bf16-mixed is what GPU runs use by default (trainer.precision: auto); Lightning runs it on CPU too, so every
 # layer kind and optimizer family is checked here under it against the same run in fp32.
 BF16_CASES = {

@@ -107,6 +107,9 @@ def fit_run(out: str, overrides: list[str]) -> None:
     params = {k: v.detach().cpu().clone() for k, v in state.items()}
     torch.save({"params": params, "losses": record.losses, "ranks": record.ranks,
                 "strategy": type(trainer.strategy).__name__}, Path(out) / f"rank{trainer.global_rank}.pt")
+    leave_together()  # as `pcl train` ends: no rank tears its gloo connections down while another still uses them
+    if trainer.global_rank != 0:
+        exit_follower(0)
 
 
 def cpu_fsdp_checkpoints() -> None:

@@ -118,8 +118,9 @@ def test_diverged_two_rank_trial_counts_as_worst_value(tmp_path, data_cache, res
 
 @pytest.mark.slow
 def test_interrupted_two_rank_sweep_resumes_without_duplicates(tmp_path, data_cache, results_dir):
+    # 60 steps keep the interrupt (sent at the first checkpoint, step 3) well inside trial 0's training
     overrides = tiny_overrides(data_cache, results_dir, **TWO_RANKS,
-                               **{"trainer.max_steps": 12, "trainer.val_every": 6})
+                               **{"trainer.max_steps": 60, "trainer.val_every": 30})
     spec_path = write_spec(tmp_path / "sweep.yaml", data_cache, results_dir, overrides=overrides)
     proc = start_torchrun(spec_path, results_dir)
     deadline = time.monotonic() + 120

@@ -116,6 +116,34 @@ def test_killed_sweep_resumes_without_duplicates(tmp_path, data_cache, results_d
         (c.data.tags.get("pcl.trial"), c.info.status, c.data.tags.get("status"), c.data.tags.get("error")) for c in children]
 
 
+def test_ctrl_c_while_optuna_records_a_trained_trial_keeps_it(tmp_path, data_cache, results_dir, monkeypatch):
+    """A SIGINT after training, while Optuna stores the trial (here: at its first user attribute), is held until
+    the trial is COMPLETE, then stops the sweep (exit 130); the resumed sweep runs only the second trial."""
+    spec_path = write_spec(tmp_path / "sweep.yaml", data_cache, results_dir, n_trials=2)
+    set_user_attr = optuna.trial.Trial.set_user_attr
+    sent = []
+
+    def interrupted(trial, key, value):
+        if not sent:
+            sent.append(key)
+            os.kill(os.getpid(), signal.SIGINT)
+        set_user_attr(trial, key, value)
+
+    monkeypatch.setattr(optuna.trial.Trial, "set_user_attr", interrupted)
+    assert run_sweep(str(spec_path)) == 130
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own handler is back
+    study = open_study(load_spec(spec_path), storage_url(load_spec(spec_path)))
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE]
+
+    assert run_sweep(str(spec_path)) == 0
+
+    study = open_study(load_spec(spec_path), storage_url(load_spec(spec_path)))
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
+    _, _, children = mlflow_children("tiny-lr")
+    assert sorted((c.data.tags["pcl.trial"], c.info.status) for c in children) == [("0", "FINISHED"), ("1", "FINISHED")]
+    assert study.trials[0].user_attrs["mlflow_run_id"] in {c.info.run_id for c in children}
+
+
 def test_two_workers_share_one_study(tmp_path, data_cache, results_dir):
     spec_path = write_spec(tmp_path / "sweep.yaml", data_cache, results_dir, n_trials=4)
     assert run_sweep(str(spec_path), workers=2) == 0

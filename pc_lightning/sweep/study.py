@@ -11,8 +11,8 @@ Each trial is one :func:`pc_lightning.train.train` run, nested under the study's
 * **Crashes are retried.** RDB storages (SQLite, PostgreSQL, ...) record a heartbeat every
   ``heartbeat.interval`` seconds; a trial silent for ``heartbeat.grace_period`` seconds (its worker was
   killed) is failed and re-queued with the same parameters by ``RetryHeartbeatStaleTrialCallback``; its MLflow run
-  is closed as FAILED with tag ``status=crashed``. A Ctrl-C'd trial ends FAIL (MLflow: KILLED) and a new
-  trial replaces it. Optuna 5's journal storage has no heartbeat: there a killed trial stays RUNNING and is
+  is closed as FAILED with tag ``status=crashed``. A trial Ctrl-C'd while it trains ends FAIL (MLflow: KILLED) and a
+  new trial replaces it; a Ctrl-C after its training is held until Optuna has recorded the finished trial. Optuna 5's journal storage has no heartbeat: there a killed trial stays RUNNING and is
   not counted, so several workers on a journal file may run up to workers-1 extra trials.
 * **Diverged trials are results, not crashes.** A trial whose run diverged completes with the objective's
   worst value: ``objective.diverged_value`` if set, else the loss of a uniform predictor, ln(vocab) (the
@@ -67,6 +67,7 @@ from pc_lightning import tracking
 from pc_lightning.config import ConfigError, ExperimentConfig
 from pc_lightning.distributed import exit_follower, leave_together
 from pc_lightning.sweep import runs
+from pc_lightning.sweep.held_interrupt import HeldInterrupt
 from pc_lightning.sweep.pruning import OptunaPruning
 from pc_lightning.sweep.start_lock import StartLock
 from pc_lightning.train import train, world_size
@@ -187,8 +188,10 @@ def close_crashed_runs(mlflow_client, parent_id: str, trial_number: int) -> None
             mlflow_client.set_tag(run.info.run_id, "status", "crashed")
 
 
-def make_objective(spec: SweepSpec, overrides: list[str], parent_id: str, mlflow_client,
+def make_objective(spec: SweepSpec, overrides: list[str], parent_id: str, mlflow_client, held: HeldInterrupt,
                    ranks: Ranks | None = None):
+    """The Optuna objective: one training run. Once training has ended, a Ctrl-C is held until Optuna has
+    recorded the trial (``held``, released by :func:`work`), so a finished run never becomes a failed trial."""
     def objective(trial: optuna.Trial) -> float:
         frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
         retried_from = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
@@ -201,11 +204,13 @@ def make_objective(spec: SweepSpec, overrides: list[str], parent_id: str, mlflow
         try:
             result = train(cfg, extra_callbacks=[pruning], quiet=True)
         except optuna.TrialPruned:
+            held.hold()
             if pruning.run_id:
                 mlflow_client.set_terminated(pruning.run_id, "KILLED")
                 mlflow_client.set_tag(pruning.run_id, "status", "pruned")
                 mlflow_client.delete_tag(pruning.run_id, "error")
             raise
+        held.hold()
         trial.set_user_attr("mlflow_run_id", result.run_id)
         trial.set_user_attr("diverged", result.status == "diverged")
         if result.status == "diverged":
@@ -246,10 +251,11 @@ def trial_counts(study: optuna.Study) -> dict[TrialState, int]:
 
 
 def work(study: optuna.Study, spec: SweepSpec, n_trials: int, objective, timeout: float | None,
-         heartbeat: bool, lock: StartLock, ranks: Ranks | None = None) -> None:
+         heartbeat: bool, lock: StartLock, held: HeldInterrupt, ranks: Ranks | None = None) -> None:
     """One worker's loop: run trials until n_trials are finished (by anyone), or the timeout is reached.
     With ranks, rank 0 tells the others each step (:func:`follow_rank_zero`). ``lock`` is held from the count
-    until the new trial is RUNNING in the storage (:mod:`pc_lightning.sweep.start_lock`)."""
+    until the new trial is RUNNING in the storage (:mod:`pc_lightning.sweep.start_lock`); a Ctrl-C after the
+    objective's training is raised once the trial is recorded (:mod:`pc_lightning.sweep.held_interrupt`)."""
     tell = ranks.share if ranks is not None else (lambda command: None)
 
     def started(trial: optuna.Trial):
@@ -273,7 +279,10 @@ def work(study: optuna.Study, spec: SweepSpec, n_trials: int, objective, timeout
                 tell(WAIT)  # keeps the other ranks' broadcast within the process group's timeout
                 continue
             tell(TRIAL)
-            study.optimize(started, n_trials=1)  # an error fails the trial and stops this command
+            try:
+                study.optimize(started, n_trials=1)  # an error fails the trial and stops this command
+            finally:
+                held.release()
             lock.release()
     finally:
         lock.release()
@@ -333,9 +342,10 @@ def run_sweep(spec_path: str, workers: int = 1, n_trials: int | None = None, sto
         if workers > 1 and not is_worker_process:
             rc = spawn_workers(spec_path, workers, n_total, url, overrides, worker_index)
         else:
-            objective = make_objective(spec, overrides, parent_id, mlflow_client, ranks)
+            held = HeldInterrupt()
+            objective = make_objective(spec, overrides, parent_id, mlflow_client, held, ranks)
             work(study, spec, n_total, objective, spec.timeout, heartbeat=not is_journal(url), lock=StartLock(url),
-                 ranks=ranks)
+                 held=held, ranks=ranks)
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (Lightning raises SIGTERMException)
         if not is_worker_process:
             mlflow_client.set_terminated(parent_id, "KILLED")

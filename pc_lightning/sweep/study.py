@@ -11,9 +11,10 @@ Each trial is one :func:`pc_lightning.train.train` run, nested under the study's
 * **Crashes are retried.** RDB storages (SQLite, PostgreSQL, ...) record a heartbeat every
   ``heartbeat.interval`` seconds; a trial silent for ``heartbeat.grace_period`` seconds (its worker was
   killed) is failed and re-queued with the same parameters by ``RetryHeartbeatStaleTrialCallback``; its MLflow run
-  is closed as FAILED with tag ``status=crashed``. A trial Ctrl-C'd while it trains ends FAIL (MLflow: KILLED) and a
-  new trial replaces it; a Ctrl-C after its training is held until Optuna has recorded the finished trial. Optuna 5's journal storage has no heartbeat: there a killed trial stays RUNNING and is
-  not counted, so several workers on a journal file may run up to workers-1 extra trials.
+  is closed as FAILED with tag ``status=crashed``. A trial Ctrl-C'd while it trains ends FAIL (MLflow: KILLED)
+  and a new trial replaces it; a Ctrl-C after its training is held until Optuna has recorded the finished trial
+  (:mod:`pc_lightning.sweep.held_interrupt`). Optuna 5's journal storage has no heartbeat: there a killed trial
+  stays RUNNING and is not counted, so several workers on a journal file may run up to workers-1 extra trials.
 * **Diverged trials are results, not crashes.** A trial whose run diverged completes with the objective's
   worst value: ``objective.diverged_value`` if set, else the loss of a uniform predictor, ln(vocab) (the
   loss at initialisation) for ``*loss`` metrics and vocab for ``*ppl`` metrics. Its trial gets the user

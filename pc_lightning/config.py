@@ -15,6 +15,7 @@ MLflow records and what ``pcl train --config resolved.yaml`` re-runs.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import types
 import typing
@@ -216,6 +217,11 @@ class MonitorConfig:
     spectrum: bool = False
     spike: SpikeConfig = field(default_factory=SpikeConfig)
     divergence_margin: float = 2.0  # diverged if loss > initial loss + margin (nats), or non-finite
+    # downstream evaluation with lm-evaluation-harness (pip install -e '.[eval]'); off while eval_tasks is empty
+    eval_tasks: list[str] = field(default_factory=list)  # harness task/group names, or tasks under eval_include_path
+    eval_every: int = 500  # optimizer steps between evaluations (and once at the end of training)
+    eval_limit: Optional[int] = None  # examples per task (None = all)
+    eval_include_path: Optional[str] = None  # a directory of local task YAMLs
 
 
 @dataclass
@@ -574,6 +580,20 @@ def validate(cfg: ExperimentConfig) -> None:
         _require(sp.action != "skip" or t.precision != "16-mixed", "monitor.spike.action",
                  "skip drops the step's gradients, which the fp16 grad scaler refuses; use bf16-mixed or 32-true")
     _require(cfg.monitor.every >= 1, "monitor.every", "must be >= 1")
+    mon = cfg.monitor
+    _require(all(name.strip() for name in mon.eval_tasks), "monitor.eval_tasks", "task names must not be empty")
+    _require(len(set(mon.eval_tasks)) == len(mon.eval_tasks), "monitor.eval_tasks", "a task is named twice")
+    _require(mon.eval_every >= 1, "monitor.eval_every", "must be >= 1")
+    _require(mon.eval_limit is None or mon.eval_limit >= 1, "monitor.eval_limit", "must be >= 1 (or null = all)")
+    if mon.eval_include_path is not None:
+        _require(Path(mon.eval_include_path).exists(), "monitor.eval_include_path",
+                 f"task directory not found: {mon.eval_include_path}")
+    if mon.eval_tasks:
+        _require(not is_fsdp(t.strategy), "monitor.eval_tasks",
+                 "in-loop evaluation runs rank 0's model alone, which FSDP shards; evaluate the checkpoints with "
+                 "`pcl eval` instead, or use ddp")
+        _require(importlib.util.find_spec("lm_eval") is not None, "monitor.eval_tasks",
+                 "needs lm-evaluation-harness: pip install -e '.[eval]'")
     _require(cfg.monitor.divergence_margin > 0, "monitor.divergence_margin", "must be positive")
 
 

@@ -103,15 +103,18 @@ def write_task(directory: Path, name: str, rows: list[dict]) -> None:
 
 
 def toy_tasks(directory: Path) -> Path:
-    """pcl_right: the answer is always WORD; pcl_wrong: the answer is never WORD (same questions and choices)."""
+    """pcl_right: the answer is always WORD; pcl_wrong: the answer is never WORD (same questions and choices).
+
+    Choices carry no leading space: the harness puts its ``target_delimiter`` (a space) between context and choice.
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    others = [" and", " of", " LORD", " said unto"]
+    others = ["and", "of", "LORD", "said unto"]
     right, wrong = [], []
     for i in range(6):
         choices = [others[i % 4], others[(i + 1) % 4], others[(i + 2) % 4]]
         pos = i % 4
-        choices.insert(min(pos, 3), WORD)
-        at = choices.index(WORD)
+        choices.insert(min(pos, 3), WORD.lstrip())
+        at = choices.index(WORD.lstrip())
         question = f"Question {i}: in the beginning God created"
         right.append({"question": question, "choices": choices, "label": at})
         wrong.append({"question": question, "choices": choices, "label": (at + 1 + i % 3) % 4})
@@ -217,7 +220,10 @@ def test_harness_accuracy_of_perfect_and_worst_model(tokenizer, tmp_path, offlin
     tasks = toy_tasks(tmp_path / "tasks")
     the = tokenizer.encode(WORD, add_special_tokens=False).ids[0]
     lm = SuiteLM(always_says(the, tokenizer.get_vocab_size()), tokenizer, batch_size=5)
-    results = evaluate_tasks(lm, load_tasks(["pcl_right", "pcl_wrong"], str(tasks)))
+    task_dict = load_tasks(["pcl_right", "pcl_wrong"], str(tasks))
+    results = evaluate_tasks(lm, task_dict)
+    continuations = {inst.args[1] for inst in task_dict["tasks"]["pcl_right"].instances}
+    assert WORD in continuations and all(c.startswith(" ") and not c.startswith("  ") for c in continuations)
     metrics = flat_metrics(results)
     assert metrics["eval/pcl_right/acc"] == 1.0 and metrics["eval/pcl_right/acc_norm"] == 1.0
     assert metrics["eval/pcl_wrong/acc"] == 0.0 and metrics["eval/pcl_wrong/acc_norm"] == 0.0
@@ -270,13 +276,19 @@ def test_off_by_default_imports_nothing(tiny_cfg):
 
 @pytest.mark.slow
 def test_in_loop_eval_and_pcl_eval(tiny_cfg, tmp_path, offline):
-    """A tiny run logs eval/<task>/<metric> at steps 3 and 6; ``pcl eval`` of its checkpoint (a separate,
-    offline process) reproduces the last in-loop numbers, prints the table and writes the JSON results."""
+    """A tiny PC run logs eval/<task>/<metric> at steps 3 and 6 and trains exactly as without the evaluation;
+    ``pcl eval`` of its checkpoint (a separate, offline process) reproduces the last in-loop numbers, prints the
+    table and writes the JSON results."""
     tasks = toy_tasks(tmp_path / "tasks")
-    cfg = tiny_cfg(name="evalrun", **{"monitor.eval_tasks": "[pcl_right, pcl_wrong]", "monitor.eval_every": 3,
-                                      "monitor.eval_include_path": str(tasks)})
+    cfg = tiny_cfg(name="evalrun", **{"model.linear": "pc", "monitor.eval_tasks": "[pcl_right, pcl_wrong]",
+                                      "monitor.eval_every": 3, "monitor.eval_include_path": str(tasks)})
     result = train(cfg, quiet=True)
     assert result.status == "finished" and result.step == 6
+    plain = train(tiny_cfg(name="plain", **{"model.linear": "pc"}), quiet=True)
+    weights = [torch.load(Path(r.checkpoint_dir) / "last.ckpt", weights_only=False)["state_dict"]
+               for r in (result, plain)]
+    for key, value in weights[1].items():
+        assert torch.equal(weights[0][key], value), key
     client = MlflowClient(tracking.tracking_uri(tracking.TrackingConfig()))
     for name in ("eval/pcl_right/acc", "eval/pcl_right/acc_norm", "eval/pcl_wrong/acc"):
         history = client.get_metric_history(result.run_id, name)

@@ -16,7 +16,8 @@ the harness's own:
   until a stop string, ``<|endoftext|>`` or ``max_gen_toks`` tokens; sampling (``do_sample: true``) is refused.
 
 Requests are scored in batches of ``batch_size`` sequences sorted by length (right padding: the model is causal,
-so padding never changes the positions scored), in fp32 unless ``forward_context`` sets an autocast.
+so padding never changes the positions scored), in the model's dtype unless ``forward_context`` sets an autocast;
+log-softmax of the scored positions in fp32.
 """
 
 from __future__ import annotations
@@ -66,14 +67,13 @@ class SuiteLM(LM):
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
     def _logits(self, inputs: list[list[int]]) -> torch.Tensor:
-        """fp32 log-probabilities (B, T, V) for right-padded inputs."""
+        """Logits (B, T, V) for the inputs, right-padded to the longest."""
         width = max(len(x) for x in inputs)
         batch = torch.zeros(len(inputs), width, dtype=torch.long)
         for row, ids in enumerate(inputs):
             batch[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         with self.forward_context():
-            logits = self.model(batch.to(self._device))
-        return F.log_softmax(logits.float(), dim=-1)
+            return self.model(batch.to(self._device))
 
     def score(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """(Σ log p(continuation tokens), all of them greedy) for (context, continuation) token lists.
@@ -95,14 +95,15 @@ class SuiteLM(LM):
         order = sorted(range(len(pairs)), key=lambda i: -len(inputs[i]))
         for start in range(0, len(order), self.batch_size):
             rows = order[start : start + self.batch_size]
-            logp = self._logits([inputs[i] for i in rows])
+            logits = self._logits([inputs[i] for i in rows])
             for b, i in enumerate(rows):
                 n, length = n_cont[i], len(inputs[i])
                 if n == 0:
                     results[i] = (0.0, True)
                     continue
-                target = torch.tensor(pairs[i][1], device=logp.device)
-                row = logp[b, length - n : length]  # positions that predict the continuation's tokens
+                target = torch.tensor(pairs[i][1], device=logits.device)
+                # the positions that predict the continuation's tokens, normalised in fp32
+                row = F.log_softmax(logits[b, length - n : length].float(), dim=-1)
                 total = row.gather(-1, target[:, None]).sum()
                 results[i] = (float(total), bool((row.argmax(-1) == target).all()))
         return results  # type: ignore[return-value]
@@ -145,8 +146,7 @@ class SuiteLM(LM):
             generated: list[int] = []
             text = ""
             for _ in range(max_new):
-                logp = self._logits([(ids + generated)[-self.max_length:]])
-                token = int(logp[0, -1].argmax())
+                token = int(self._logits([(ids + generated)[-self.max_length:]])[0, -1].argmax())
                 if token == self.eot_token_id:
                     break
                 generated.append(token)

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch import nn
 
 from pc_lightning.config import ModelConfig
+from pc_lightning.layers import iter_layers
 from pc_lightning.model import Llama
 from pc_lightning.modules.pretrain import PretrainModule
 
@@ -37,15 +37,10 @@ MERGE_TOLERANCE = 1e-5  # max relative logit difference, merged vs original, fp3
 HF_TOLERANCE = 1e-4  # max relative logit difference, HF export vs merged, fp32
 
 
-def block_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, layer) of every matrix make_linear built (every linear kind carries ``.role``)."""
-    return [(name, m) for name, m in model.named_modules() if getattr(m, "role", None) is not None]
-
-
 @torch.no_grad()
 def merged_state_dict(model: Llama) -> dict[str, torch.Tensor]:
     """The model's state dict with each block linear replaced by ``<name>.weight`` = its effective weight."""
-    layers = block_linears(model)
+    layers = iter_layers(model)
     prefixes = tuple(f"{name}." for name, _ in layers)
     state = {k: v.detach().float().clone() for k, v in model.state_dict().items() if not k.startswith(prefixes)}
     for name, layer in layers:

@@ -31,6 +31,7 @@ from pc_lightning.config import (ConfigError, ExperimentConfig, batches_per_step
 from pc_lightning.data.datamodule import PretrainDataModule
 from pc_lightning.data.prepare import prepare
 from pc_lightning.distributed import lightning_strategy
+from pc_lightning.callbacks.registry import configured_callbacks
 from pc_lightning.callbacks.run_metadata import MlflowRunInCheckpoint
 from pc_lightning.callbacks.throughput import TokenThroughput
 from pc_lightning.model import count_parameters, flops_per_token
@@ -88,13 +89,6 @@ def find_checkpoint(cfg: ExperimentConfig, resume: str) -> Path:
     if not candidates:
         raise ConfigError("--resume", f"no last.ckpt under {root}/ (run name '{cfg.name}')")
     return candidates[-1]
-
-
-def build_callbacks(cfg: ExperimentConfig, module: PretrainModule) -> list[L.Callback]:
-    """The callbacks every run gets, plus those the config switches on (monitors, spikes, PC, TSVD)."""
-    from pc_lightning.callbacks.registry import configured_callbacks
-
-    return configured_callbacks(cfg, module)
 
 
 def train(cfg: ExperimentConfig, resume: str | None = None, extra_callbacks: list[L.Callback] | None = None,
@@ -206,7 +200,7 @@ def _trainer(cfg: ExperimentConfig, logger, module: PretrainModule, run_id: str 
     throughput = TokenThroughput(tokens_per_step, flops_per_token(cfg.model, cfg.data.seq_len), cfg.trainer.log_every)
     callbacks = [checkpoint, throughput, LearningRateMonitor(logging_interval="step"),
                  MlflowRunInCheckpoint(run_id or "")]
-    callbacks += build_callbacks(cfg, module) + list(extra_callbacks or [])
+    callbacks += configured_callbacks(cfg, module) + list(extra_callbacks or [])
 
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,

@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 
 from pc_lightning import tracking
-from pc_lightning.config import ConfigError, ExperimentConfig, _build
+from pc_lightning.config import ConfigError, ExperimentConfig, build
 from pc_lightning.sweep import runs
 from pc_lightning.sweep.space import compose_config, resolve_relative
 
@@ -80,7 +80,7 @@ def load_ablation(path: str | Path) -> AblationSpec:
     for section in ("variants", "optimizers"):  # `name:` with nothing after it means no overrides
         if isinstance(data.get(section), dict):
             data[section] = {k: v or [] for k, v in data[section].items()}
-    spec: AblationSpec = _build(AblationSpec, data)
+    spec: AblationSpec = build(AblationSpec, data)
     spec.base = str(resolve_relative(spec.base, path))
     if not spec.variants or not spec.optimizers or not spec.seeds:
         raise ConfigError("variants", "need at least one variant, one optimizer and one seed")

@@ -140,7 +140,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None, extra_callbacks: lis
     gauss_newton = cfg.optim.gauss_newton  # manual optimisation, stacked batches
     module = (GaussNewtonModule if gauss_newton else PretrainModule)(to_dict(cfg), total_steps=total_steps)
     datamodule = (GaussNewtonDataModule if gauss_newton else PretrainDataModule)(
-        cfg.data, seed=cfg.trainer.seed, max_steps=total_steps, accumulate=batches_per_step(cfg))
+        cfg.data, seed=cfg.trainer.seed, accumulate=batches_per_step(cfg))
     datamodule.prepared = prepared
 
     if lead:

@@ -609,10 +609,15 @@ def load_yaml_with_defaults(path: str | Path, _seen: tuple = ()) -> dict:
     path = Path(path)
     if not path.exists():
         raise ConfigError("--config", f"file not found: {path}")
+    if not path.is_file():
+        raise ConfigError("--config", f"not a file: {path}")
     if path.resolve() in _seen:
         raise ConfigError("defaults", f"cycle through {path}")
     with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(str(path), f"not valid YAML: {yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(str(path), "top level must be a mapping")
     defaults = data.pop("defaults", []) or []
@@ -636,7 +641,17 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not key:
         raise ConfigError(text, "empty key in override")
-    return key, yaml.safe_load(raw) if raw != "" else ""
+    try:
+        return key, yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(key, f"value {raw!r} is not valid YAML: {yaml_problem(e)}") from None
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's (multi-line) error as one line: what is wrong, and where."""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
 
 
 def set_dotted(d: dict, key: str, value: Any) -> None:

@@ -24,6 +24,7 @@ from pc_lightning.modules.gauss_newton import GaussNewtonModule
 from pc_lightning.modules.pretrain import next_token_loss
 from pc_lightning.optim.gauss_newton import GaussNewtonModel, cross_entropy_hvp, z_loss_hvp
 from pc_lightning.train import train
+from helpers import StopAt, assert_same_training_state
 
 VOCAB, BATCH, SEQ = 24, 2, 5
 N_TOKENS = BATCH * SEQ
@@ -130,6 +131,21 @@ def test_gauss_newton_run_through_train(tiny_cfg, name):
     assert metrics["gn/alpha"] in cfg.optim.gn.line_search
     groups = 1 if name == "gn" else cfg.model.n_layers + 1
     assert metrics["gn/inner_steps"] == 2 * groups
+
+
+@pytest.mark.slow
+def test_gauss_newton_resume_reads_the_stacked_batches_of_the_uninterrupted_run(tiny_cfg):
+    """A GN run stopped after outer step 1 of 3 and resumed ends bit for bit where the uninterrupted run ends: each
+    outer step reads its own (inner_steps + 1) * B windows however the run was cut."""
+    keys = {"optim.name": "gn", "optim.inner_steps": 1, "trainer.max_steps": 3, "trainer.checkpoint_every": 1,
+            "trainer.val_every": 3}
+    straight = train(tiny_cfg(name="gn-straight", **keys), quiet=True)
+    first = train(tiny_cfg(name="gn-split", **keys), extra_callbacks=[StopAt(1)], quiet=True)
+    assert first.step == 1
+    resumed = train(tiny_cfg(name="gn-split", **keys), resume="last", quiet=True)
+    assert resumed.step == straight.step == 3
+    load = lambda result: torch.load(f"{result.checkpoint_dir}/last.ckpt", map_location="cpu", weights_only=False)
+    assert_same_training_state(load(straight), load(resumed))
 
 
 # ---------------------------------------------------------------------------------------- model variants

@@ -50,7 +50,6 @@ import math
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from pc_lightning.data.datamodule import PretrainDataModule
 from pc_lightning.layers import iter_layers
@@ -165,12 +164,10 @@ class GaussNewtonModule(PretrainModule):
 class GaussNewtonDataModule(PretrainDataModule):
     """Training batches of ``accumulate`` (= inner_steps + 1) plain batches stacked into one tensor.
 
-    The parent's sampler already reserves ``accumulate · B`` windows per optimizer step and starts at
+    The parent's stream already reserves ``accumulate · B`` windows per optimizer step and starts at
     ``global_step`` on resume; only the loader's batch size changes. Validation is unchanged.
     """
 
-    def train_dataloader(self) -> DataLoader:
-        plain = super().train_dataloader()
-        return DataLoader(plain.dataset, batch_size=plain.batch_size * self.accumulate, sampler=plain.sampler,
-                          num_workers=plain.num_workers, drop_last=True,
-                          persistent_workers=plain.persistent_workers)
+    @property
+    def train_batch_size(self) -> int:
+        return self.cfg.batch_size * self.accumulate

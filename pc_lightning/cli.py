@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pc_lightning.checkpoint_file import CheckpointError
 from pc_lightning.config import ConfigError, describe_keys, load_config
 
 OVERRIDES_HELP = (
@@ -106,10 +107,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a config error or an unusable checkpoint is one ``pcl: ...`` line on stderr, exit code 2."""
     args = parse_args(argv)
     try:
         return _dispatch(args)
-    except ConfigError as e:
+    except (ConfigError, CheckpointError) as e:
         print(f"pcl: {e}", file=sys.stderr)
         return 2
 

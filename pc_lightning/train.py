@@ -28,9 +28,11 @@ from lightning.pytorch.loggers.logger import DummyLogger
 from pc_lightning import tracking
 from pc_lightning.config import (ConfigError, ExperimentConfig, batches_per_step, flatten, save_yaml, steps_for_budget,
                                  to_dict)
+from pc_lightning.checkpoint_file import CheckpointError, open_checkpoint
 from pc_lightning.data.datamodule import PretrainDataModule
 from pc_lightning.data.prepare import prepare
 from pc_lightning.distributed import lightning_strategy
+from pc_lightning.callbacks.registry import configured_callbacks
 from pc_lightning.callbacks.run_metadata import MlflowRunInCheckpoint
 from pc_lightning.callbacks.throughput import TokenThroughput
 from pc_lightning.model import count_parameters, flops_per_token
@@ -77,6 +79,9 @@ def resolve_vocab(cfg: ExperimentConfig, tokenizer_vocab: int) -> None:
                                               f"({tokenizer_vocab}); leave it unset to use the tokenizer's")
 
 
+RESUMABLE = ("state_dict", "optimizer_states", "loops")  # what Lightning restores a run from
+
+
 def find_checkpoint(cfg: ExperimentConfig, resume: str) -> Path:
     if resume != "last":
         path = Path(resume)
@@ -90,27 +95,22 @@ def find_checkpoint(cfg: ExperimentConfig, resume: str) -> Path:
     return candidates[-1]
 
 
-def build_callbacks(cfg: ExperimentConfig, module: PretrainModule) -> list[L.Callback]:
-    """The callbacks every run gets, plus those the config switches on (monitors, spikes, PC, TSVD)."""
-    from pc_lightning.callbacks.registry import configured_callbacks
-
-    return configured_callbacks(cfg, module)
-
-
 def train(cfg: ExperimentConfig, resume: str | None = None, extra_callbacks: list[L.Callback] | None = None,
           quiet: bool = False) -> RunResult:
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
 
-    # Data first: the tokenizer fixes the vocabulary, which the config check needs before the model exists.
-    prepared = prepare(cfg.data)
-    resolve_vocab(cfg, prepared.vocab_size)
-
+    # A checkpoint to resume from is opened first (tensors memory-mapped, only the run id is read): an unreadable
+    # one stops the run before data preparation and before MLflow.
     ckpt_path = find_checkpoint(cfg, resume) if resume else None
     run_id = None
     if ckpt_path is not None:
-        run_id = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("mlflow_run_id")
+        run_id = open_checkpoint(ckpt_path, required=RESUMABLE).get("mlflow_run_id")
+
+    # Then data: the tokenizer fixes the vocabulary, which the config check needs before the model exists.
+    prepared = prepare(cfg.data)
+    resolve_vocab(cfg, prepared.vocab_size)
 
     world = world_size(cfg)
     total_steps = steps_for_budget(cfg, world)
@@ -140,12 +140,15 @@ def train(cfg: ExperimentConfig, resume: str | None = None, extra_callbacks: lis
     gauss_newton = cfg.optim.gauss_newton  # manual optimisation, stacked batches
     module = (GaussNewtonModule if gauss_newton else PretrainModule)(to_dict(cfg), total_steps=total_steps)
     datamodule = (GaussNewtonDataModule if gauss_newton else PretrainDataModule)(
-        cfg.data, seed=cfg.trainer.seed, max_steps=total_steps, accumulate=batches_per_step(cfg))
+        cfg.data, seed=cfg.trainer.seed, accumulate=batches_per_step(cfg))
     datamodule.prepared = prepared
 
+    reopened_status = None  # the status of the resumed MLflow run before this resume
     if lead:
         run_id = logger.run_id  # creates the MLflow run (or reopens the resumed one)
-    with _closed_on_exit(mlflow_client, run_id):
+        if ckpt_path is not None:
+            reopened_status = mlflow_client.get_run(run_id).info.status
+    with _closed_on_exit(mlflow_client, run_id, reopened_status):
         if lead and ckpt_path is not None:
             mlflow_client.update_run(run_id, status="RUNNING")
             _log_resume(mlflow_client, run_id, cfg, ckpt_path)
@@ -155,7 +158,8 @@ def train(cfg: ExperimentConfig, resume: str | None = None, extra_callbacks: lis
                                                    tokens_per_step, extra_callbacks, quiet)
         status, message = "finished", ""
         try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+            with _mismatch_reported(ckpt_path):
+                trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
             if not math.isfinite(float(trainer.callback_metrics.get("val/loss", 0.0))):
                 status, message = "diverged", "validation loss is not finite"
         except Diverged as e:
@@ -173,12 +177,21 @@ def train(cfg: ExperimentConfig, resume: str | None = None, extra_callbacks: lis
 
 
 @contextmanager
-def _closed_on_exit(mlflow_client, run_id: str | None):
+def _closed_on_exit(mlflow_client, run_id: str | None, reopened_status: str | None = None):
     """Whatever stops the run after its MLflow run exists (while logging the config, building the Trainer,
     training, or closing) leaves that run closed: KILLED for Ctrl-C/SIGTERM, FAILED with the error otherwise.
-    Inside ``trainer.fit`` Lightning has already closed it as FAILED and written ``last.ckpt``."""
+    Inside ``trainer.fit`` Lightning has already closed it as FAILED and written ``last.ckpt``.
+
+    A resume that cannot start (:class:`CheckpointError`: the checkpoint does not fit the configured model) puts
+    the reopened run back to the status it had (``reopened_status``; FAILED if that was RUNNING): the training
+    it records did not fail."""
     try:
         yield
+    except CheckpointError:
+        if run_id:
+            terminal = reopened_status in ("FINISHED", "FAILED", "KILLED")
+            mlflow_client.set_terminated(run_id, reopened_status if terminal else "FAILED")
+        raise
     except (KeyboardInterrupt, SystemExit):
         if run_id:
             mlflow_client.set_terminated(run_id, "KILLED")
@@ -190,6 +203,23 @@ def _closed_on_exit(mlflow_client, run_id: str | None):
             mlflow_client.set_tag(run_id, "status", "failed")
             mlflow_client.set_tag(run_id, "error", f"{type(e).__name__}: {e}"[:5000])
         raise
+
+
+@contextmanager
+def _mismatch_reported(ckpt_path: Path | None):
+    """A checkpoint whose state dict does not fit the model (other shapes or layers, found by Lightning when it
+    loads the state dict) becomes one CheckpointError naming the checkpoint and the first difference."""
+    try:
+        yield
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines()] or [""]
+        if ckpt_path is None or not lines[0].startswith("Error(s) in loading state_dict"):  # torch's wording
+            raise
+        problems = [line for line in lines[1:] if line]
+        first = problems[0][:300].rstrip(".") if problems else lines[0]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(f"{ckpt_path}: does not fit the model of this config (were model.* settings "
+                              f"changed?): {first}{more}") from None
 
 
 def _trainer(cfg: ExperimentConfig, logger, module: PretrainModule, run_id: str | None, ckpt_path: Path | None,
@@ -206,7 +236,7 @@ def _trainer(cfg: ExperimentConfig, logger, module: PretrainModule, run_id: str 
     throughput = TokenThroughput(tokens_per_step, flops_per_token(cfg.model, cfg.data.seq_len), cfg.trainer.log_every)
     callbacks = [checkpoint, throughput, LearningRateMonitor(logging_interval="step"),
                  MlflowRunInCheckpoint(run_id or "")]
-    callbacks += build_callbacks(cfg, module) + list(extra_callbacks or [])
+    callbacks += configured_callbacks(cfg, module) + list(extra_callbacks or [])
 
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,

@@ -88,8 +88,7 @@ def fit_run(out: str, overrides: list[str]) -> None:
     total_steps = steps_for_budget(cfg, world)
     L.seed_everything(cfg.trainer.seed, verbose=False)
     module = PretrainModule(to_dict(cfg), total_steps=total_steps)
-    datamodule = PretrainDataModule(cfg.data, seed=cfg.trainer.seed, max_steps=total_steps,
-                                    accumulate=cfg.trainer.accumulate_grad_batches)
+    datamodule = PretrainDataModule(cfg.data, seed=cfg.trainer.seed, accumulate=cfg.trainer.accumulate_grad_batches)
     datamodule.prepared = prepared
     record = Record()
     trainer = L.Trainer(

@@ -49,7 +49,7 @@ def test_val_bpb_matches_direct_computation(tiny_cfg):
     cfg.model.vocab_size = prepared.vocab_size
     torch.manual_seed(0)
     module = PretrainModule(to_dict(cfg), total_steps=1)
-    datamodule = PretrainDataModule(cfg.data, seed=0, max_steps=1)
+    datamodule = PretrainDataModule(cfg.data, seed=0)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False)
     logged = trainer.validate(module, datamodule=datamodule, verbose=False)[0]

@@ -231,6 +231,7 @@ def test_harness_accuracy_of_perfect_and_worst_model(tokenizer, tmp_path, offlin
     assert limited == {"eval/pcl_right/acc": 1.0, "eval/pcl_right/acc_norm": 1.0}
 
 
+@pytest.mark.slow  # a name not found locally makes the harness index its own ~15k task YAMLs (10-40 s)
 def test_unknown_task_is_a_config_error(tmp_path, offline):
     tasks = toy_tasks(tmp_path / "tasks")
     with pytest.raises(ConfigError, match="monitor.eval_tasks") as e:

@@ -13,16 +13,18 @@ from mlflow.tracking import MlflowClient
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pc_lightning import tracking
-from pc_lightning.callbacks.ortho_refresh import refresh_all, tsvd_layers
-from pc_lightning.callbacks.pc_step import PCStep, pc_layers
+from pc_lightning.callbacks.pc_step import PCStep
 from pc_lightning.callbacks.registry import configured_callbacks
 from pc_lightning.config import ModelConfig, PCConfig
-from pc_lightning.layers.tsvd_linear import orthonormality_error
+from pc_lightning.layers import iter_layers
+from pc_lightning.layers.pc_linear import PCLinear
+from pc_lightning.layers.tsvd_linear import TSVDLinear, orthonormality_error, refresh_all
 from pc_lightning.model import Llama
 from pc_lightning.modules.gauss_newton import GaussNewtonModule
 from pc_lightning.modules.pretrain import next_token_loss
 from pc_lightning.optim.gauss_newton import GaussNewtonModel, cross_entropy_hvp, z_loss_hvp
 from pc_lightning.train import train
+from helpers import StopAt, assert_same_training_state
 
 VOCAB, BATCH, SEQ = 24, 2, 5
 N_TOKENS = BATCH * SEQ
@@ -117,7 +119,7 @@ def test_layerwise_solve_groups_cover_every_parameter_once(tiny_cfg):
 
 @pytest.mark.parametrize("name", ["gn", "gn_layerwise"])
 def test_gauss_newton_run_through_train(tiny_cfg, name):
-    cfg = tiny_cfg(name=name, **{"optim.name": name, "optim.inner_steps": 2, "trainer.max_steps": 2,
+    cfg = tiny_cfg(name=name, **{"optim.name": name, "optim.gn.inner_steps": 2, "trainer.max_steps": 2,
                                  "trainer.log_every": 1, "trainer.val_every": 2})
     result = train(cfg, quiet=True)
     assert result.status == "finished" and result.step == 2
@@ -126,9 +128,24 @@ def test_gauss_newton_run_through_train(tiny_cfg, name):
     for key in ("train/loss", "gn/outer_step", "gn/inner_steps", "gn/alpha", "gn/model_loss", "gn/true_loss",
                 "val/loss"):
         assert key in metrics and torch.isfinite(torch.tensor(metrics[key])), key
-    assert metrics["gn/alpha"] in cfg.optim.line_search
+    assert metrics["gn/alpha"] in cfg.optim.gn.line_search
     groups = 1 if name == "gn" else cfg.model.n_layers + 1
     assert metrics["gn/inner_steps"] == 2 * groups
+
+
+@pytest.mark.slow
+def test_gauss_newton_resume_reads_the_stacked_batches_of_the_uninterrupted_run(tiny_cfg):
+    """A GN run stopped after outer step 1 of 3 and resumed ends bit for bit where the uninterrupted run ends: each
+    outer step reads its own (inner_steps + 1) * B windows however the run was cut."""
+    keys = {"optim.name": "gn", "optim.inner_steps": 1, "trainer.max_steps": 3, "trainer.checkpoint_every": 1,
+            "trainer.val_every": 3}
+    straight = train(tiny_cfg(name="gn-straight", **keys), quiet=True)
+    first = train(tiny_cfg(name="gn-split", **keys), extra_callbacks=[StopAt(1)], quiet=True)
+    assert first.step == 1
+    resumed = train(tiny_cfg(name="gn-split", **keys), resume="last", quiet=True)
+    assert resumed.step == straight.step == 3
+    load = lambda result: torch.load(f"{result.checkpoint_dir}/last.ckpt", map_location="cpu", weights_only=False)
+    assert_same_training_state(load(straight), load(resumed))
 
 
 # ---------------------------------------------------------------------------------------- model variants
@@ -140,7 +157,7 @@ def variant_model(linear: str, z_loss: float) -> Llama:
                       pc=PCConfig(level=2, targets=["ffn", "attn_out", "qk", "v"]), z_loss=z_loss)
     model = Llama(cfg).double()
     with torch.no_grad():
-        for _, layer in tsvd_layers(model):
+        for _, layer in iter_layers(model, TSVDLinear):
             layer.U.add_(1e-2 * torch.randn_like(layer.U))
             layer.V.add_(1e-2 * torch.randn_like(layer.V))
     return model
@@ -211,16 +228,16 @@ def test_line_search_sees_tsvd_factors_as_the_next_forward_will(tiny_cfg, refres
     from pc_lightning.config import to_dict
 
     cfg = tiny_cfg(**{"optim.name": "gn", "model.linear": "tsvd", "model.vocab_size": 512,
-                      "optim.line_search": "[1.0]", "model.tsvd.refresh_every": refresh_every})
+                      "optim.gn.line_search": "[1.0]", "model.tsvd.refresh_every": refresh_every})
     module = GaussNewtonModule(to_dict(cfg), total_steps=1)
     model = module.model
     theta = {n: p.detach().clone() for n, p in model.named_parameters()}
     torch.manual_seed(0)
     direction = {n: 0.05 * torch.randn_like(p) for n, p in theta.items()}
     batch = torch.randint(0, 512, (2, 9))
-    caches = [(layer.U_ortho.clone(), layer.V_ortho.clone()) for _, layer in tsvd_layers(model)]
+    caches = [(layer.U_ortho.clone(), layer.V_ortho.clone()) for _, layer in iter_layers(model, TSVDLinear)]
     _, loss = module.line_search(theta, direction, batch)
-    for (_, layer), (u, v) in zip(tsvd_layers(model), caches):
+    for (_, layer), (u, v) in zip(iter_layers(model, TSVDLinear), caches):
         assert torch.equal(layer.U_ortho, u) and torch.equal(layer.V_ortho, v)
 
     def loss_at_step(retract: bool) -> float:
@@ -230,7 +247,7 @@ def test_line_search_sees_tsvd_factors_as_the_next_forward_will(tiny_cfg, refres
             if retract:
                 refresh_all(model, "qr")
             value = float(next_token_loss(model(batch[:, :-1]), batch[:, 1:])[0])
-            for (_, layer), (u, v) in zip(tsvd_layers(model), caches):
+            for (_, layer), (u, v) in zip(iter_layers(model, TSVDLinear), caches):
                 layer.U_ortho.copy_(u)
                 layer.V_ortho.copy_(v)
         return value
@@ -251,14 +268,14 @@ class VariantChecker(L.Callback):
         self.pc_cached: list[bool] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        layers = [layer for _, layer in tsvd_layers(pl_module.model)]
+        layers = [layer for _, layer in iter_layers(pl_module.model, TSVDLinear)]
         if layers:
             self.ortho_errors.append(max(float(orthonormality_error(f)) for layer in layers
                                          for f in layer.factors()[::2]))
             self.raw_gaps.append(max(float((raw.detach() - cache).abs().max()) for layer in layers
                                      for raw, cache in ((layer.U, layer.U_ortho), (layer.V, layer.V_ortho))))
-            self.ranks.append({name: layer.rank for name, layer in tsvd_layers(pl_module.model)})
-        self.pc_cached += [layer.step_weight is not None for layer in pc_layers(pl_module.model)]
+            self.ranks.append({name: layer.rank for name, layer in iter_layers(pl_module.model, TSVDLinear)})
+        self.pc_cached += [layer.step_weight is not None for layer in [layer for _, layer in iter_layers(pl_module.model, PCLinear)]]
 
 
 @pytest.mark.parametrize("name,linear,z_loss", [
@@ -272,7 +289,7 @@ def test_gauss_newton_runs_with_model_variants(tiny_cfg, name, linear, z_loss):
     checker = VariantChecker()
     cfg = tiny_cfg(name=f"{name}-{linear}", **{
         "optim.name": name, "model.linear": linear, "model.z_loss": z_loss, "model.pc.level": 2,
-        "optim.inner_steps": 1, "trainer.max_steps": 3, "trainer.log_every": 1, "trainer.val_every": 3,
+        "optim.gn.inner_steps": 1, "trainer.max_steps": 3, "trainer.log_every": 1, "trainer.val_every": 3,
         "model.tsvd.rank_check_every": 2 if name == "gn" else 0, "model.tsvd.energy_threshold": 0.5})
     result = train(cfg, extra_callbacks=[checker], quiet=True)
     assert result.status == "finished" and result.step == 3

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from pc_lightning import tracking
 from pc_lightning.config import load_config
 from pc_lightning.train import train
-from helpers import StopAt
+from helpers import StopAt, assert_same_training_state
 
 
 def client() -> MlflowClient:
@@ -63,21 +63,52 @@ def test_run_is_tracked_in_mlflow(tiny_cfg, tmp_path):
     assert again.metrics["val/loss"] == pytest.approx(result.metrics["val/loss"], rel=1e-5)
 
 
-def test_resume_is_bit_identical(tiny_cfg):
-    steps = {"trainer.max_steps": 10, "trainer.checkpoint_every": 5, "trainer.val_every": 5}
-    straight = train(tiny_cfg(name="straight", **steps), quiet=True)
-    first = train(tiny_cfg(name="split", **steps), extra_callbacks=[StopAt(5)], quiet=True)
-    assert first.step == 5
-    resumed = train(tiny_cfg(name="split", **steps), resume="last", quiet=True)
-    assert resumed.step == 10 and resumed.run_id == first.run_id  # same MLflow run continues
-    a, b = final_state(straight.checkpoint_dir), final_state(resumed.checkpoint_dir)
-    assert a["global_step"] == b["global_step"] == 10
-    for key, value in a["state_dict"].items():
-        assert torch.equal(value, b["state_dict"][key]), key
-    exp_a = a["optimizer_states"][0]["state"]
-    exp_b = b["optimizer_states"][0]["state"]
-    for i in exp_a:
-        assert torch.equal(exp_a[i]["exp_avg"], exp_b[i]["exp_avg"])
+RESUME_STEPS = 12
+RESUME_KEYS = {"trainer.checkpoint_every": 1, "trainer.val_every": 4,
+               # a constant learning rate: the schedule must not depend on trainer.max_steps when a resume changes it
+               "optim.warmup_fraction": 0, "optim.min_lr_ratio": 1.0}
+_uninterrupted: dict[int, dict] = {}
+
+
+def uninterrupted(tiny_cfg, steps: int) -> dict:
+    """last.ckpt of an uninterrupted run of ``steps`` steps (deterministic: computed once per session)."""
+    if steps not in _uninterrupted:
+        result = train(tiny_cfg(name=f"straight-{steps}", **RESUME_KEYS, **{"trainer.max_steps": steps}), quiet=True)
+        assert result.step == steps
+        _uninterrupted[steps] = final_state(result.checkpoint_dir)
+    return _uninterrupted[steps]
+
+
+def not_resumable_warnings(recwarn) -> list[str]:
+    return [str(w.message) for w in recwarn if "not resumable" in str(w.message)]
+
+
+@pytest.mark.parametrize("stop", [1, RESUME_STEPS // 3, RESUME_STEPS // 2, RESUME_STEPS - 1])
+def test_resume_is_bit_identical(tiny_cfg, recwarn, stop):
+    """Stopped after step ``stop`` and resumed from last.ckpt, the run ends with exactly the parameters and the
+    optimizer state of the uninterrupted run: every step after the resume reads the windows it would have read."""
+    straight = uninterrupted(tiny_cfg, RESUME_STEPS)
+    keys = {**RESUME_KEYS, "trainer.max_steps": RESUME_STEPS}
+    first = train(tiny_cfg(name="split", **keys), extra_callbacks=[StopAt(stop)], quiet=True)
+    assert first.step == stop
+    resumed = train(tiny_cfg(name="split", **keys), resume="last", quiet=True)
+    assert resumed.step == RESUME_STEPS and resumed.run_id == first.run_id  # same MLflow run continues
+    assert_same_training_state(straight, final_state(resumed.checkpoint_dir))
+    assert not not_resumable_warnings(recwarn)  # Lightning sees a loader that resumes mid-epoch
+
+
+def test_resume_with_a_larger_max_steps_matches_the_longer_run(tiny_cfg, recwarn):
+    """Stopped after step 2 of a 6-step run and resumed with trainer.max_steps=12: the same end state as an
+    uninterrupted 12-step run (constant learning rate, so only the data stream could differ)."""
+    straight = uninterrupted(tiny_cfg, RESUME_STEPS)
+    first = train(tiny_cfg(name="grow", **RESUME_KEYS, **{"trainer.max_steps": 6}), extra_callbacks=[StopAt(2)],
+                  quiet=True)
+    assert first.step == 2
+    resumed = train(tiny_cfg(name="grow", **RESUME_KEYS, **{"trainer.max_steps": RESUME_STEPS}), resume="last",
+                    quiet=True)
+    assert resumed.step == RESUME_STEPS
+    assert_same_training_state(straight, final_state(resumed.checkpoint_dir))
+    assert not not_resumable_warnings(recwarn)
 
 
 def test_resume_may_extend_the_run(tiny_cfg):

@@ -40,9 +40,10 @@ import torch
 from lightning.pytorch.strategies import Strategy
 from torch.nn.parallel import DistributedDataParallel
 
-from pc_lightning.callbacks.ortho_refresh import tsvd_layers
 from pc_lightning.config import TSVDConfig
+from pc_lightning.layers import iter_layers
 from pc_lightning.layers.energy_rank import next_rank
+from pc_lightning.layers.tsvd_linear import TSVDLinear
 from pc_lightning.model import count_parameters
 
 
@@ -121,7 +122,7 @@ class RankAdaptation(L.Callback):
     def decide(self, model: torch.nn.Module) -> dict[str, int]:
         """{layer name: new rank} for the TSVD layers of ``model`` whose rank the energy rule changes."""
         changes: dict[str, int] = {}
-        for name, layer in tsvd_layers(model):
+        for name, layer in iter_layers(model, TSVDLinear):
             rank = next_rank(layer.s, self.cfg.energy_threshold, layer.r_min, layer.r_max,
                              self.cfg.max_shrink_fraction, self.cfg.grow_fraction)
             if rank != layer.rank:
@@ -133,7 +134,7 @@ class RankAdaptation(L.Callback):
     def apply(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], changes: dict[str, int]) -> None:
         """Resize the named layers to their new ranks and remap their optimizer state."""
         parts = base_optimizers(optimizers)
-        for name, layer in tsvd_layers(model):
+        for name, layer in iter_layers(model, TSVDLinear):
             if name not in changes:
                 continue
             old_shapes = {param: param.shape for param in (layer.U, layer.V, layer.s)}
@@ -152,6 +153,6 @@ class RankAdaptation(L.Callback):
     def _log(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.logger is None:
             return
-        metrics = {f"tsvd/rank/{name}": float(layer.rank) for name, layer in tsvd_layers(pl_module.model)}
+        metrics = {f"tsvd/rank/{name}": float(layer.rank) for name, layer in iter_layers(pl_module.model, TSVDLinear)}
         metrics["tsvd/parameters"] = float(count_parameters(pl_module.model))
         trainer.logger.log_metrics(metrics, step=trainer.global_step)

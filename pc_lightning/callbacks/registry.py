@@ -40,7 +40,7 @@ def configured_callbacks(cfg: ExperimentConfig, module: L.LightningModule) -> li
         from pc_lightning.callbacks.ortho_refresh import OrthoRefresh
         from pc_lightning.callbacks.rank_adaptation import RankAdaptation
 
-        callbacks.append(OrthoRefresh(cfg.model.tsvd.refresh_every, cfg.model.tsvd.ortho_method))
+        callbacks.append(OrthoRefresh(cfg.model.tsvd))
         if cfg.model.tsvd.rank_check_every > 0:
             callbacks.append(RankAdaptation(cfg.model.tsvd))
     # --- stability monitors and spike detection ---

@@ -50,12 +50,11 @@ import math
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
-from pc_lightning.callbacks.ortho_refresh import refresh_all, tsvd_layers
-from pc_lightning.callbacks.pc_step import pc_layers
 from pc_lightning.data.datamodule import PretrainDataModule
-from pc_lightning.layers.pc_linear import power_iteration
+from pc_lightning.layers import iter_layers
+from pc_lightning.layers.pc_linear import PCLinear, power_iteration
+from pc_lightning.layers.tsvd_linear import TSVDLinear, refresh_all
 from pc_lightning.modules.pretrain import PretrainModule, next_token_loss
 from pc_lightning.optim.factory import build_inner_optimizer
 from pc_lightning.optim.gauss_newton import GaussNewtonModel, reset_optimizer_state
@@ -85,7 +84,7 @@ class GaussNewtonModule(PretrainModule):
         return [g for g in groups if g]
 
     def training_step(self, stacked: torch.Tensor, batch_idx: int) -> None:
-        o = self.cfg.optim
+        o = self.cfg.optim.gn
         outer, inner = self.optimizers()
         batches = stacked.view(o.inner_steps + 1, -1, stacked.size(-1))
         params = dict(self.model.named_parameters())
@@ -93,7 +92,7 @@ class GaussNewtonModule(PretrainModule):
         groups = self.solve_groups()
 
         reset_optimizer_state(inner.optimizer)
-        power_iteration(pc_layers(self.model))  # σ̂ = uᵀWv with u, v fixed for this outer step
+        power_iteration([layer for _, layer in iter_layers(self.model, PCLinear)])  # σ̂ = uᵀWv with u, v fixed for this outer step
         for group in groups:
             for i, batch in enumerate(batches[:-1]):
                 gn = GaussNewtonModel(self.model, theta_t, group, batch[:, :-1], batch[:, 1:], o.damping,
@@ -133,11 +132,11 @@ class GaussNewtonModule(PretrainModule):
         The parameters are left at the last α tried (the caller restores θ_t); TSVD caches are restored here.
         """
         tsvd = self.cfg.model.tsvd
-        layers = [layer for _, layer in tsvd_layers(self.model)]
-        retract = bool(layers) and (self.global_step + 1) % tsvd.refresh_every == 0  # OrthoRefresh's schedule
+        layers = [layer for _, layer in iter_layers(self.model, TSVDLinear)]
+        retract = bool(layers) and tsvd.refresh_due(self.global_step + 1)  # OrthoRefresh's schedule
         caches = [(layer.U_ortho.clone(), layer.V_ortho.clone()) for layer in layers] if retract else []
         losses = []
-        for alpha in self.cfg.optim.line_search:
+        for alpha in self.cfg.optim.gn.line_search:
             for n, p in self.model.named_parameters():
                 p.copy_(theta_t[n] + alpha * direction[n])
             if retract:
@@ -148,14 +147,14 @@ class GaussNewtonModule(PretrainModule):
             layer.U_ortho.copy_(u)
             layer.V_ortho.copy_(v)
         best = min(range(len(losses)), key=lambda i: losses[i] if math.isfinite(losses[i]) else math.inf)
-        return self.cfg.optim.line_search[best], losses[best]
+        return self.cfg.optim.gn.line_search[best], losses[best]
 
     def model_loss(self, theta_t: dict[str, torch.Tensor], direction: dict[str, torch.Tensor],
                    groups: list[list[str]], batch: torch.Tensor, alpha: float) -> float:
         """The GN model's prediction M(α Δ̂) of the loss on ``batch`` (block-diagonal sum for gn_layerwise)."""
         total = None
         for group in groups:
-            gn = GaussNewtonModel(self.model, theta_t, group, batch[:, :-1], batch[:, 1:], self.cfg.optim.damping,
+            gn = GaussNewtonModel(self.model, theta_t, group, batch[:, :-1], batch[:, 1:], self.cfg.optim.gn.damping,
                                   self.cfg.model.z_loss)
             (value,) = gn.value({n: direction[n] for n in group}, alphas=(alpha,))
             total = value if total is None else total + value - gn.loss0
@@ -165,12 +164,10 @@ class GaussNewtonModule(PretrainModule):
 class GaussNewtonDataModule(PretrainDataModule):
     """Training batches of ``accumulate`` (= inner_steps + 1) plain batches stacked into one tensor.
 
-    The parent's sampler already reserves ``accumulate · B`` windows per optimizer step and starts at
+    The parent's stream already reserves ``accumulate · B`` windows per optimizer step and starts at
     ``global_step`` on resume; only the loader's batch size changes. Validation is unchanged.
     """
 
-    def train_dataloader(self) -> DataLoader:
-        plain = super().train_dataloader()
-        return DataLoader(plain.dataset, batch_size=plain.batch_size * self.accumulate, sampler=plain.sampler,
-                          num_workers=plain.num_workers, drop_last=True,
-                          persistent_workers=plain.persistent_workers)
+    @property
+    def train_batch_size(self) -> int:
+        return self.cfg.batch_size * self.accumulate

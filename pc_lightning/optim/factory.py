@@ -7,7 +7,7 @@
   iterations that map the update to about U Vᵀ of its SVD, then lr scaled by ``adjust_lr_fn``:
   ``original`` = sqrt(max(1, rows/cols)), ``match_rms_adamw`` = 0.2·sqrt(max(rows, cols)), which gives the
   update the RMS of an AdamW update, so ``lr`` is on AdamW's scale) on the *hidden matrices*, AdamW with
-  ``adamw_lr`` on everything else, stepped together by :class:`CombinedOptimizer`.
+  ``muon.adamw_lr`` on everything else, stepped together by :class:`CombinedOptimizer`.
   Hidden matrices = every 2-D parameter under ``blocks.``: dense weights, the raw weight W of a PC layer
   (Muon orthogonalises the update of W; the polynomial acts on W in the forward) and the TSVD factors U and
   V (matrices whose rows/columns the layer re-orthonormalises anyway; Muon's update keeps their scale).
@@ -17,7 +17,7 @@
 * ``soap``: ``pytorch_optimizer.SOAP`` (Vyas et al. 2024, arXiv 2409.11321), see :func:`soap`.
 * ``gn`` / ``gn_layerwise``: the outer step belongs to
   :class:`~pc_lightning.modules.gauss_newton.GaussNewtonModule`; :func:`build_inner_optimizer` builds the
-  inner optimizer (``inner_optimizer`` = adamw | muon, every group at ``inner_lr``).
+  inner optimizer (``gn.inner_optimizer`` = adamw | muon, every group at ``gn.inner_lr``).
 """
 
 from __future__ import annotations
@@ -66,14 +66,15 @@ def is_hidden_matrix(name: str, param: nn.Parameter) -> bool:
 def muon(params: NamedParams, cfg: OptimConfig, lr: float | None = None,
          adamw_lr: float | None = None, also_decay: frozenset[str] = frozenset()) -> CombinedOptimizer:
     lr = cfg.lr if lr is None else lr
-    adamw_lr = cfg.adamw_lr if adamw_lr is None else adamw_lr
+    adamw_lr = cfg.muon.adamw_lr if adamw_lr is None else adamw_lr
     hidden = [(n, p) for n, p in params if is_hidden_matrix(n, p)]
     rest = [(n, p) for n, p in params if not is_hidden_matrix(n, p)]
     parts: list[torch.optim.Optimizer] = []
     if hidden:
         parts.append(torch.optim.Muon(
             [{"params": [p for _, p in hidden], "name": "muon"}], lr=lr, weight_decay=cfg.weight_decay,
-            momentum=cfg.momentum, nesterov=cfg.nesterov, ns_steps=cfg.ns_steps, adjust_lr_fn=cfg.adjust_lr_fn,
+            momentum=cfg.muon.momentum, nesterov=cfg.muon.nesterov, ns_steps=cfg.muon.ns_steps,
+            adjust_lr_fn=cfg.muon.adjust_lr_fn,
         ))
     if rest:
         parts.append(adamw(rest, cfg, lr=adamw_lr, also_decay=also_decay))
@@ -98,18 +99,18 @@ def soap(params: NamedParams, cfg: OptimConfig, also_decay: frozenset[str] = fro
     """
     return pytorch_optimizer.SOAP(
         decay_groups(params, cfg.weight_decay, cfg.lr, also_decay), lr=cfg.lr, betas=tuple(cfg.betas),
-        weight_decay=cfg.weight_decay, precondition_frequency=cfg.precondition_frequency,
-        max_precondition_dim=cfg.max_precond_dim, eps=cfg.eps,
+        weight_decay=cfg.weight_decay, precondition_frequency=cfg.soap.precondition_frequency,
+        max_precondition_dim=cfg.soap.max_precond_dim, eps=cfg.eps,
     )
 
 
 def build_inner_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The Gauss-Newton inner optimizer over all trainable parameters; every group at ``inner_lr``."""
+    """The Gauss-Newton inner optimizer over all trainable parameters; every group at ``gn.inner_lr``."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     also_decay = pc_gain_names(model) if cfg.decay_pc_gamma else frozenset()
-    if cfg.inner_optimizer == "muon":
-        return muon(params, cfg, lr=cfg.inner_lr, adamw_lr=cfg.inner_lr, also_decay=also_decay)
-    return adamw(params, cfg, lr=cfg.inner_lr, also_decay=also_decay)
+    if cfg.gn.inner_optimizer == "muon":
+        return muon(params, cfg, lr=cfg.gn.inner_lr, adamw_lr=cfg.gn.inner_lr, also_decay=also_decay)
+    return adamw(params, cfg, lr=cfg.gn.inner_lr, also_decay=also_decay)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:

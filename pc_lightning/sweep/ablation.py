@@ -13,6 +13,7 @@ Each list holds ``key.path=value`` overrides or preset names under ``conf/`` (se
 seed, command-line overrides.
     seeds: [1337]
     lrs: [3.0e-3]                      # empty = the config's optim.lr
+    reference: baseline                # the variant the others are compared with; default: the first one
 
 Every combination is one :func:`pc_lightning.train.train` run nested under one MLflow parent run per
 ablation, tagged with its key ``variant|optimizer|lr|seed``. Re-running the command skips combinations
@@ -33,7 +34,7 @@ from pathlib import Path
 import yaml
 
 from pc_lightning import tracking
-from pc_lightning.config import ConfigError, ExperimentConfig, _build
+from pc_lightning.config import ConfigError, ExperimentConfig, build
 from pc_lightning.sweep import runs
 from pc_lightning.sweep.space import compose_config, resolve_relative
 
@@ -47,6 +48,11 @@ class AblationSpec:
     overrides: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [1337])
     lrs: list[float] = field(default_factory=list)
+    reference: str | None = None  # the variant the report compares the others with; None = the first variant
+
+    @property
+    def reference_variant(self) -> str:
+        return self.reference or next(iter(self.variants))
 
 
 @dataclass(frozen=True)
@@ -80,12 +86,17 @@ def load_ablation(path: str | Path) -> AblationSpec:
     for section in ("variants", "optimizers"):  # `name:` with nothing after it means no overrides
         if isinstance(data.get(section), dict):
             data[section] = {k: v or [] for k, v in data[section].items()}
-    spec: AblationSpec = _build(AblationSpec, data)
+    spec: AblationSpec = build(AblationSpec, data)
     spec.base = str(resolve_relative(spec.base, path))
     if not spec.variants or not spec.optimizers or not spec.seeds:
         raise ConfigError("variants", "need at least one variant, one optimizer and one seed")
     if any(lr <= 0 for lr in spec.lrs):
         raise ConfigError("lrs", "learning rates must be positive")
+    if spec.reference is not None and spec.reference not in spec.variants:
+        raise ConfigError("reference", f"'{spec.reference}' is not a variant of this ablation "
+                                       f"(variants: {list(spec.variants)})")
+    if len(set(spec.seeds)) != len(spec.seeds):
+        raise ConfigError("seeds", f"a seed is listed twice: {spec.seeds}")
     return spec
 
 
@@ -156,7 +167,8 @@ def run_ablation(spec_path: str, overrides: list[str] | None = None) -> int:
     mlflow_client = tracking.client(uri)
     parent_id = runs.find_or_create_parent(mlflow_client, uri, base.tracking.experiment, "ablation", spec.name, {
         "pcl.ablation": spec.name, "pcl.spec": str(Path(spec_path).resolve()),
-        "pcl.variants": json.dumps(list(spec.variants)), "pcl.optimizers": json.dumps(list(spec.optimizers))})
+        "pcl.variants": json.dumps(list(spec.variants)), "pcl.optimizers": json.dumps(list(spec.optimizers)),
+        "pcl.reference": spec.reference_variant})
     done = {r.data.tags.get("pcl.key") for r in runs.children(mlflow_client, mlflow_client.get_run(parent_id))
             if is_done(r)}
 

@@ -20,6 +20,7 @@ MLflow records and what ``pcl train --config resolved.yaml`` re-runs.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import types
 import typing
@@ -365,10 +366,25 @@ class MonitorConfig(Section):
     spectrum: bool = False
     spike: SpikeConfig = field(default_factory=SpikeConfig)
     divergence_margin: float = 2.0  # diverged if loss > initial loss + margin (nats), or non-finite
+    # downstream evaluation with lm-evaluation-harness (pip install -e '.[eval]'); off while eval_tasks is empty
+    eval_tasks: list[str] = field(default_factory=list)  # harness task/group names, or tasks under eval_include_path
+    eval_every: int = 500  # optimizer steps between evaluations (and once at the end of training)
+    eval_limit: Optional[int] = None  # examples per task (None = all)
+    eval_include_path: Optional[str] = None  # a directory of local task YAMLs
 
     def check(self) -> None:
         require(self.every >= 1, "every", "must be >= 1")
         _positive(self, "divergence_margin")
+        require(all(name.strip() for name in self.eval_tasks), "eval_tasks", "task names must not be empty")
+        require(len(set(self.eval_tasks)) == len(self.eval_tasks), "eval_tasks", "a task is named twice")
+        require(self.eval_every >= 1, "eval_every", "must be >= 1")
+        require(self.eval_limit is None or self.eval_limit >= 1, "eval_limit", "must be >= 1 (or null = all)")
+        if self.eval_include_path is not None:
+            require(Path(self.eval_include_path).exists(), "eval_include_path",
+                    f"task directory not found: {self.eval_include_path}")
+        if self.eval_tasks:
+            require(importlib.util.find_spec("lm_eval") is not None, "eval_tasks",
+                    "needs lm-evaluation-harness: pip install -e '.[eval]'")
 
 
 @dataclass
@@ -411,6 +427,9 @@ class ExperimentConfig(Section):
                     "per-layer gradient norms would be norms of each rank's FSDP shard; turn it off or use ddp")
             require(not self.monitor.spike.enabled, "monitor.spike.enabled",
                     "the spike rule's gradient norm would be one rank's FSDP shard's; turn it off or use ddp")
+            require(not self.monitor.eval_tasks, "monitor.eval_tasks",
+                    "in-loop evaluation runs rank 0's model alone, which FSDP shards; evaluate the checkpoints with "
+                    "`pcl eval` instead, or use ddp")
         if o.gauss_newton:
             require(t.accumulate_grad_batches == 1, "trainer.accumulate_grad_batches",
                     "Gauss-Newton uses manual optimisation; leave accumulate_grad_batches at 1")

@@ -174,8 +174,9 @@ class ModelConfig(Section):
     attn_softcap: float = 0.0  # 0 = off; cap * tanh(s / cap) on attention scores
     logit_softcap: float = 0.0  # 0 = off; cap * tanh(z / cap) on the output logits
     z_loss: float = 0.0  # PaLM z-loss coefficient (e.g. 1e-4): adds z_loss * mean(logsumexp(logits)^2)
-    # normal: N(0, init_std²), out-projections /√(2 n_layers); small: Spike No More; torchtitan: the PC reference's
-    # Llama init (per-layer depth scaling, N(0, 1) embedding, truncated d^-½ head; see block_init_stds in model/llama.py)
+    # normal: N(0, init_std²), out-projections /√(2 n_layers); small: Spike No More; torchtitan: the PC
+    # reference's Llama init (per-layer depth scaling, N(0, 1) embedding, truncated d^-½ head; see
+    # block_init_stds in model/llama.py)
     init: Literal["normal", "small", "torchtitan"] = "normal"
     embed: Literal["plain", "scaled", "layernorm"] = "plain"
     compile: bool = False

@@ -123,7 +123,8 @@ def test_torchtitan_init_gives_pc_and_tsvd_layers_the_same_stds(linear, monkeypa
         original(self, std)
 
     monkeypatch.setattr(kind, "init_weights", record)
-    cfg = small(n_layers=3, init="torchtitan", linear=linear, pc=PCConfig(level=4, targets=["ffn", "attn_out", "qk", "v"]))
+    cfg = small(n_layers=3, init="torchtitan", linear=linear,
+                pc=PCConfig(level=4, targets=["ffn", "attn_out", "qk", "v"]))
     model = Llama(cfg)
     for layer, block in enumerate(model.blocks):
         deep = 0.02 / (2 * (layer + 1)) ** 0.5

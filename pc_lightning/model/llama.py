@@ -73,7 +73,6 @@ class Attention(nn.Module):
         y = self.o(y.transpose(1, 2).reshape(B, T, -1))
         return self.post_norm(y) if self.post_norm is not None else y
 
-
     def normalise(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The attn_norm LayerNorms over the last dimension (identity where a norm is off)."""
         if self.q_norm is not None:

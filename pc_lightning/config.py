@@ -5,7 +5,9 @@ An experiment is one YAML file under ``conf/``. It may list ``defaults:`` (prese
 ``baseline``), then its own keys, then the command line's ``key.path=value`` overrides. The merged mapping is
 turned into the dataclasses below by :func:`build` with strict checks: an unknown key, a wrong type or an
 impossible combination raises :class:`ConfigError` with one message that names the key, before any data is
-prepared or any training starts.
+prepared or any training starts. Keys whose default depends on another section (``model.pc.level: null`` = the
+PC reference's level for the optimizer) are filled in by :func:`resolve` in between, so the resolved config holds
+the number.
 
 Each section (:class:`Section`) checks its own values in ``check()``, with keys relative to the section;
 rules that span sections (a sequence length against the RoPE table, what FSDP or Gauss-Newton refuse) live in
@@ -78,7 +80,9 @@ LAYER_GROUPS = ("ffn", "attn_out", "qk", "v")  # what model.pc.targets / model.t
 class PCConfig(Section):
     """Polynomial preconditioning of block weights (docs/pc.md)."""
 
-    level: int = 4  # 0 = identity, 1..4 = odd polynomial of degree 3, 5, 7, 9
+    # 0 = identity, 1..4 = odd polynomial of degree 3, 5, 7, 9; None = the PC reference's level for the optimizer
+    # (reference_pc_level: 4 with AdamW, 2 with Muon), filled in when the config is loaded (resolve)
+    level: Optional[int] = None
     normalizer: Literal["spectral", "none"] = "spectral"
     power_iters: int = 10  # streaming power-iteration steps per optimizer step
     recover_w_norm: bool = True  # multiply back the (detached) spectral-norm estimate
@@ -94,7 +98,7 @@ class PCConfig(Section):
     evaluate: Literal["auto", "step", "forward"] = "auto"
 
     def check(self) -> None:
-        require(0 <= self.level <= 4, "level", f"must be in 0..4, got {self.level}")
+        require(self.level is None or 0 <= self.level <= 4, "level", f"must be in 0..4 (or null), got {self.level}")
         require(self.power_iters >= 1, "power_iters", "must be >= 1")
         _positive(self, "eps")
         require(self.learnable_gamma or self.gamma_init > 0, "gamma_init",
@@ -161,12 +165,20 @@ class ModelConfig(Section):
     tsvd: TSVDConfig = field(default_factory=TSVDConfig)
     # stability variants (docs/stability.md)
     attn_norm: Literal["none", "qk_norm", "qkv_norm"] = "none"
+    # what attn_norm's LayerNorms normalise over: head = each head's head_dim values with one LayerNorm(head_dim)
+    # shared by the heads (Dehghani et al. 2023, Megatron-core, Qwen3; the Rybakov presets), full = the whole
+    # width d (OLMo 2). The default stays full so that configs and checkpoints written before this key keep
+    # their model.
+    qk_norm_scope: Literal["head", "full"] = "full"
     post_proj_norm: bool = False
     post_fc2_norm: bool = False
     attn_softcap: float = 0.0  # 0 = off; cap * tanh(s / cap) on attention scores
     logit_softcap: float = 0.0  # 0 = off; cap * tanh(z / cap) on the output logits
     z_loss: float = 0.0  # PaLM z-loss coefficient (e.g. 1e-4): adds z_loss * mean(logsumexp(logits)^2)
-    init: Literal["normal", "small"] = "normal"
+    # normal: N(0, init_std²), out-projections /√(2 n_layers); small: Spike No More; torchtitan: the PC
+    # reference's Llama init (per-layer depth scaling, N(0, 1) embedding, truncated d^-½ head; see
+    # block_init_stds in model/llama.py)
+    init: Literal["normal", "small", "torchtitan"] = "normal"
     embed: Literal["plain", "scaled", "layernorm"] = "plain"
     compile: bool = False
 
@@ -276,6 +288,7 @@ class OptimConfig(Section):
     lr: float = 3e-3
     weight_decay: float = 0.1  # on matrices (ndim >= 2); norm weights, gains and scalars get none
     decay_pc_gamma: bool = True  # also decay the PC gains gamma, as the PC reference does (it decays everything)
+    decay_all: bool = False  # decay every parameter (norms, gains, embedding, head too), as the PC reference does
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     warmup_fraction: float = 0.05
@@ -303,6 +316,8 @@ class OptimConfig(Section):
         require(0 <= self.warmup_fraction < 1, "warmup_fraction", "must be in [0, 1)")
         require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
         require(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 = off)")
+        require(self.decay_pc_gamma or not self.decay_all, "decay_pc_gamma",
+                "false contradicts decay_all=true, which decays the PC gains too")
 
 
 @dataclass
@@ -698,8 +713,30 @@ def parse(data: dict) -> ExperimentConfig:
 
 def from_dict(data: dict) -> ExperimentConfig:
     cfg = parse(data)
+    resolve(cfg)
     validate(cfg)
     return cfg
+
+
+# The PC reference's polynomial level per optimizer (Wang et al., arXiv 2606.06470; its released configs: AdamW
+# runs at level 4, Muon runs at level 2). SOAP has no reference run: it is Adam in a rotated basis and, unlike
+# Muon, does not flatten the update's spectrum, so it gets AdamW's level.
+REFERENCE_PC_LEVEL = {"adamw": 4, "soap": 4, "muon": 2}
+
+
+def reference_pc_level(optim: OptimConfig) -> int:
+    """The PC level the reference pairs with the optimizer that updates the weights: ``optim.name``, or for
+    Gauss-Newton its inner optimizer (``optim.gn.inner_optimizer``), which takes every weight step."""
+    updater = optim.gn.inner_optimizer if optim.gauss_newton else optim.name
+    return REFERENCE_PC_LEVEL[updater]
+
+
+def resolve(cfg: ExperimentConfig) -> None:
+    """Fill in the keys whose default depends on other sections, so the resolved config (what MLflow records and
+    ``pcl train --config resolved.yaml`` re-runs) holds the numbers: ``model.pc.level`` = null becomes
+    :func:`reference_pc_level`; a level set explicitly is kept."""
+    if cfg.model.pc.level is None:
+        cfg.model.pc.level = reference_pc_level(cfg.optim)
 
 
 def sections(obj: Any, prefix: str = "") -> Iterator[tuple[str, Section]]:

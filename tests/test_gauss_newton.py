@@ -149,12 +149,12 @@ def test_gauss_newton_resume_reads_the_stacked_batches_of_the_uninterrupted_run(
 
 
 # ---------------------------------------------------------------------------------------- model variants
-def variant_model(linear: str, z_loss: float) -> Llama:
+def variant_model(linear: str, z_loss: float, **variant) -> Llama:
     """A tiny fp64 Llama with every block matrix a PC (level 2) or TSVD layer. TSVD raw factors are moved
     off their cached orthonormal copies, as between refreshes, so the straight-through map is exercised."""
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=VOCAB, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=8, linear=linear,
-                      pc=PCConfig(level=2, targets=["ffn", "attn_out", "qk", "v"]), z_loss=z_loss)
+                      pc=PCConfig(level=2, targets=["ffn", "attn_out", "qk", "v"]), z_loss=z_loss, **variant)
     model = Llama(cfg).double()
     with torch.no_grad():
         for _, layer in iter_layers(model, TSVDLinear):
@@ -187,9 +187,15 @@ def test_z_loss_curvature_is_the_exact_hessian_for_nonnegative_log_z_and_psd_oth
             torch.testing.assert_close(got, 2 * z_loss * p * (p @ v))
 
 
-@pytest.mark.parametrize("linear,z_loss", [("pc", 0.0), ("tsvd", 0.0), ("dense", 0.05), ("pc", 0.05)])
-def test_gn_model_of_model_variants_against_explicit_jacobians_and_true_loss(linear, z_loss):
-    model = variant_model(linear, z_loss)
+QKV_HEAD = {"attn_norm": "qkv_norm", "qk_norm_scope": "head"}
+QK_FULL = {"attn_norm": "qk_norm", "qk_norm_scope": "full"}
+
+
+@pytest.mark.parametrize("linear,z_loss,variant", [("pc", 0.0, {}), ("tsvd", 0.0, {}), ("dense", 0.05, {}),
+                                                   ("pc", 0.05, {}), ("dense", 0.0, QKV_HEAD), ("pc", 0.0, QK_FULL)],
+                         ids=["pc", "tsvd", "dense-zloss", "pc-zloss", "qkv_norm-head", "pc-qk_norm-full"])
+def test_gn_model_of_model_variants_against_explicit_jacobians_and_true_loss(linear, z_loss, variant):
+    model = variant_model(linear, z_loss, **variant)
     theta = {n: p.detach().clone() for n, p in model.named_parameters()}
     names = list(theta)
     x, y = torch.randint(0, VOCAB, (BATCH, SEQ)), torch.randint(0, VOCAB, (BATCH, SEQ))

@@ -1,8 +1,10 @@
 """Build the optimizer named by ``optim.name`` for a model (DESIGN.md section 5).
 
 * ``adamw``: ``torch.optim.AdamW``. Parameter groups: weight decay on matrices (``ndim >= 2``) and, with
-  ``decay_pc_gamma`` (default, as in the PC reference, which decays every parameter), on the PC layers'
-  gains γ; norms, other gains and scalars get none.
+  ``decay_pc_gamma`` (default), on the PC layers' gains γ; norms, other gains and scalars get none. With
+  ``decay_all`` every parameter is decayed (norm gains and biases, γ, TSVD s, embedding, head), as the PC
+  reference does (its AdamW and its Muon's AdamW part take ``model.parameters()`` with weight decay 0.1); this
+  holds for every optimizer below (:func:`also_decayed`).
 * ``muon``: ``torch.optim.Muon`` (Keller Jordan 2024: Nesterov momentum, then ``ns_steps`` Newton-Schulz
   iterations that map the update to about U Vᵀ of its SVD, then lr scaled by ``adjust_lr_fn``:
   ``original`` = sqrt(max(1, rows/cols)), ``match_rms_adamw`` = 0.2·sqrt(max(rows, cols)), which gives the
@@ -38,6 +40,14 @@ def pc_gain_names(model: nn.Module) -> frozenset[str]:
 
     return frozenset(f"{name}.gamma" for name, m in model.named_modules()
                      if isinstance(m, PCLinear) and isinstance(m.gamma, nn.Parameter))
+
+
+def also_decayed(model: nn.Module, cfg: OptimConfig) -> frozenset[str]:
+    """Names of the parameters below 2-D that get weight decay too: all of them with ``decay_all``, else the PC
+    gains with ``decay_pc_gamma``."""
+    if cfg.decay_all:
+        return frozenset(name for name, _ in model.named_parameters())
+    return pc_gain_names(model) if cfg.decay_pc_gamma else frozenset()
 
 
 def decay_groups(params: NamedParams, weight_decay: float, lr: float,
@@ -107,7 +117,7 @@ def soap(params: NamedParams, cfg: OptimConfig, also_decay: frozenset[str] = fro
 def build_inner_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """The Gauss-Newton inner optimizer over all trainable parameters; every group at ``gn.inner_lr``."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    also_decay = pc_gain_names(model) if cfg.decay_pc_gamma else frozenset()
+    also_decay = also_decayed(model, cfg)
     if cfg.gn.inner_optimizer == "muon":
         return muon(params, cfg, lr=cfg.gn.inner_lr, adamw_lr=cfg.gn.inner_lr, also_decay=also_decay)
     return adamw(params, cfg, lr=cfg.gn.inner_lr, also_decay=also_decay)
@@ -115,7 +125,7 @@ def build_inner_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Opt
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    also_decay = pc_gain_names(model) if cfg.decay_pc_gamma else frozenset()
+    also_decay = also_decayed(model, cfg)
     if cfg.name == "adamw":
         return adamw(params, cfg, also_decay=also_decay)
     if cfg.name == "muon":

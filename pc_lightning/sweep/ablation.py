@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
@@ -36,6 +36,8 @@ import yaml
 from pc_lightning import tracking
 from pc_lightning.config import ConfigError, ExperimentConfig, build
 from pc_lightning.sweep import runs
+from pc_lightning.sweep.claims import ClaimSpec, check_claim
+from pc_lightning.sweep.run_metrics import MetricSpec
 from pc_lightning.sweep.space import compose_config, resolve_relative
 
 
@@ -49,6 +51,12 @@ class AblationSpec:
     seeds: list[int] = field(default_factory=lambda: [1337])
     lrs: list[float] = field(default_factory=list)
     reference: str | None = None  # the variant the report compares the others with; None = the first variant
+    # an LR counts as stable when its run did not diverge and kept more than this fraction of the best LR's
+    # improvement over l0 (0 = ended below l0; pc_lightning/sweep/lr_sensitivity.py)
+    stable_fraction: float = 0.0
+    metrics: dict[str, MetricSpec] = field(default_factory=dict)  # extra per-run metrics the report summarises
+    output: str | None = None  # the report's folder under results/ (None = the name)
+    claim: ClaimSpec | None = None  # a positive control's claim and its rule (pcl claims)
 
     @property
     def reference_variant(self) -> str:
@@ -97,6 +105,14 @@ def load_ablation(path: str | Path) -> AblationSpec:
                                        f"(variants: {list(spec.variants)})")
     if len(set(spec.seeds)) != len(spec.seeds):
         raise ConfigError("seeds", f"a seed is listed twice: {spec.seeds}")
+    if not 0 <= spec.stable_fraction < 1:
+        raise ConfigError("stable_fraction", f"must be in [0, 1), got {spec.stable_fraction}")
+    for name, metric in spec.metrics.items():
+        metric.check(name)
+    if spec.output is not None and (Path(spec.output).is_absolute() or ".." in Path(spec.output).parts):
+        raise ConfigError("output", f"must be a folder under the results directory, got {spec.output!r}")
+    if spec.claim is not None:
+        check_claim(spec.claim, list(spec.variants), list(spec.optimizers), list(spec.metrics))
     return spec
 
 
@@ -151,13 +167,16 @@ def record_failure(mlflow_client, parent_id: str, cfg: ExperimentConfig, earlier
     mlflow_client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])
 
 
-def run_ablation(spec_path: str, overrides: list[str] | None = None) -> int:
-    """Run every missing combination, then render results/<name>/. Exit code 1 if any run failed."""
+def run_ablation(spec_path: str, overrides: list[str] | None = None, seeds: list[int] | None = None) -> int:
+    """Run every missing combination, then render results/<name>/. Exit code 1 if any run failed. ``seeds``
+    replaces the file's seeds (e.g. a quick check with fewer)."""
     from pc_lightning.sweep.report import publish_ablation
     from pc_lightning.train import train
 
     overrides = list(overrides or [])
     spec = load_ablation(spec_path)
+    if seeds:
+        spec.seeds = list(seeds)
     grid = combinations(spec)
     for combo in grid:  # every combination is a valid config before anything runs
         run_config(spec, combo, overrides, None)
@@ -168,7 +187,9 @@ def run_ablation(spec_path: str, overrides: list[str] | None = None) -> int:
     parent_id = runs.find_or_create_parent(mlflow_client, uri, base.tracking.experiment, "ablation", spec.name, {
         "pcl.ablation": spec.name, "pcl.spec": str(Path(spec_path).resolve()),
         "pcl.variants": json.dumps(list(spec.variants)), "pcl.optimizers": json.dumps(list(spec.optimizers)),
-        "pcl.reference": spec.reference_variant})
+        "pcl.reference": spec.reference_variant, "pcl.output": spec.output or "",
+        "pcl.stable_fraction": repr(spec.stable_fraction),
+        "pcl.metrics": json.dumps({name: asdict(m) for name, m in spec.metrics.items()})})
     done = {r.data.tags.get("pcl.key") for r in runs.children(mlflow_client, mlflow_client.get_run(parent_id))
             if is_done(r)}
 

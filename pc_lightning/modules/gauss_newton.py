@@ -133,8 +133,8 @@ class GaussNewtonModule(PretrainModule):
         theta_t = {n: p.detach().clone() for n, p in self.model.named_parameters()}  # frozen ones too: M needs all
         groups = self.solve_groups()
 
-        self.start_inner_iterate(params, inner.optimizer)
         power_iteration([layer for _, layer in iter_layers(self.model, PCLinear)])  # σ̂ = uᵀWv with u, v fixed for this outer step
+        self.start_inner_iterate(params, inner.optimizer)  # after the power iteration, which must see θ_t
         scheduled = [g["lr"] for g in inner.optimizer.param_groups]
         grad_norms = []
         for group in groups:

@@ -114,8 +114,9 @@ def build_inner_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     """The Gauss-Newton inner optimizer over all trainable parameters; every group at ``gn.inner_lr``, with
     ``gn.inner_betas`` / ``gn.inner_weight_decay`` / ``gn.inner_muon_weight_decay`` where set (else optim's)."""
     gn = cfg.gn
-    inner = dataclasses.replace(cfg, betas=cfg.betas if gn.inner_betas is None else gn.inner_betas,
-                                weight_decay=cfg.weight_decay if gn.inner_weight_decay is None else gn.inner_weight_decay)
+    betas = cfg.betas if gn.inner_betas is None else gn.inner_betas
+    weight_decay = cfg.weight_decay if gn.inner_weight_decay is None else gn.inner_weight_decay
+    inner = dataclasses.replace(cfg, betas=betas, weight_decay=weight_decay)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     also_decay = pc_gain_names(model) if cfg.decay_pc_gamma else frozenset()
     if gn.inner_optimizer == "muon":

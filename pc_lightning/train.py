@@ -32,6 +32,7 @@ from pc_lightning.checkpoint_file import CheckpointError, open_checkpoint
 from pc_lightning.data.datamodule import PretrainDataModule
 from pc_lightning.data.prepare import prepare
 from pc_lightning.distributed import lightning_strategy
+from pc_lightning.init_from import load_initial_weights
 from pc_lightning.callbacks.registry import configured_callbacks
 from pc_lightning.callbacks.run_metadata import MlflowRunInCheckpoint
 from pc_lightning.callbacks.throughput import TokenThroughput
@@ -104,6 +105,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None, extra_callbacks: lis
     # A checkpoint to resume from is opened first (tensors memory-mapped, only the run id is read): an unreadable
     # one stops the run before data preparation and before MLflow.
     ckpt_path = find_checkpoint(cfg, resume) if resume else None
+    init_from = cfg.trainer.init_from if ckpt_path is None else None  # a resume continues from its own weights
     run_id = None
     if ckpt_path is not None:
         run_id = open_checkpoint(ckpt_path, required=RESUMABLE).get("mlflow_run_id")
@@ -129,6 +131,8 @@ def train(cfg: ExperimentConfig, resume: str | None = None, extra_callbacks: lis
         tracking.get_or_create_experiment(mlflow_client, cfg.tracking.experiment, uri)
         tags = dict(cfg.tracking.tags)
         tags["pcl.name"] = cfg.name
+        if init_from:
+            tags["pcl.init_from"] = init_from
         if cfg.tracking.parent_run_id:
             tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
         logger = MLFlowLogger(experiment_name=cfg.tracking.experiment, run_name=cfg.tracking.run_name or cfg.name,
@@ -139,6 +143,8 @@ def train(cfg: ExperimentConfig, resume: str | None = None, extra_callbacks: lis
 
     gauss_newton = cfg.optim.gauss_newton  # manual optimisation, stacked batches
     module = (GaussNewtonModule if gauss_newton else PretrainModule)(to_dict(cfg), total_steps=total_steps)
+    if init_from:  # before the MLflow run exists: a mismatched checkpoint leaves no run behind
+        load_initial_weights(module.model, cfg, init_from)
     datamodule = (GaussNewtonDataModule if gauss_newton else PretrainDataModule)(
         cfg.data, seed=cfg.trainer.seed, accumulate=batches_per_step(cfg))
     datamodule.prepared = prepared

@@ -477,7 +477,7 @@ class OuterSteps(L.Callback):
     @torch.no_grad()
     def evaluate(model, trainer) -> float:
         total = count = 0.0
-        for batch in trainer.datamodule.val_dataloader():
+        for batch, _ in trainer.datamodule.val_dataloader():  # (windows, target bytes)
             y = batch[:, 1:]
             total += float(next_token_loss(model(batch[:, :-1]), y)[1]) * y.numel()
             count += y.numel()

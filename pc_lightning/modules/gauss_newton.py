@@ -286,12 +286,10 @@ class GaussNewtonModule(PretrainModule):
     def on_validation_epoch_start(self) -> None:
         self._ema_eval = self.ema_parameters() if self.ema is not None else None
 
-    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+    def validation_logits(self, x: torch.Tensor) -> torch.Tensor:
         if self._ema_eval is None:
-            return super().validation_step(batch, batch_idx)
-        x, y = batch[:, :-1], batch[:, 1:]
-        _, ce, _ = next_token_loss(functional_call(self.model, self._ema_eval, (x,)), y)
-        self.val_loss.update(ce, weight=y.numel())
+            return super().validation_logits(x)
+        return functional_call(self.model, self._ema_eval, (x,))
 
     def on_validation_epoch_end(self) -> None:
         self._ema_eval = None

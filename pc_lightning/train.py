@@ -31,6 +31,7 @@ from lightning.pytorch.loggers.logger import DummyLogger
 from lightning.pytorch.strategies import Strategy
 
 from pc_lightning import tracking
+from pc_lightning.atomic_checkpoint import AtomicCheckpointIO
 from pc_lightning.config import (ConfigError, ExperimentConfig, batches_per_step, flatten, save_yaml, steps_for_budget,
                                  to_dict)
 from pc_lightning.data.datamodule import PretrainDataModule
@@ -182,8 +183,8 @@ def build_trainer(cfg: ExperimentConfig, module: L.LightningModule, logger: Logg
     multi-process tests build it here.
 
     ``logger``: the run's logger (None: log nowhere). ``checkpoint_dir``: where ``last.ckpt`` is written every
-    ``trainer.checkpoint_every`` steps, with the MLflow run id in it; None: no
-    checkpoints. ``strategy``:
+    ``trainer.checkpoint_every`` steps, atomically (:mod:`pc_lightning.atomic_checkpoint`), with the MLflow run
+    id in it; None: no checkpoints. ``strategy``:
     replaces :func:`pc_lightning.distributed.lightning_strategy` (the tests run FSDP on CPU processes through a
     subclass of Lightning's FSDPStrategy).
     """
@@ -193,7 +194,9 @@ def build_trainer(cfg: ExperimentConfig, module: L.LightningModule, logger: Logg
                                                    cfg.trainer.log_every)]
     if logger is not None:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
+    plugins = []
     if checkpoint_dir is not None:
+        plugins.append(AtomicCheckpointIO())  # a process killed while writing never leaves a partial last.ckpt
         # A checkpoint on exception needs collectives (barrier, file-exists reduce) among ranks that a Ctrl-C or
         # a crashed peer leaves out of step: with several processes it could deadlock until the launcher kills
         # rank 0 (and its MLflow run is never closed), so there the last periodic checkpoint is what a resume
@@ -212,7 +215,7 @@ def build_trainer(cfg: ExperimentConfig, module: L.LightningModule, logger: Logg
         gradient_clip_val=None if cfg.optim.gauss_newton else cfg.optim.grad_clip or None,
         val_check_interval=cfg.trainer.val_every * cfg.trainer.accumulate_grad_batches,
         check_val_every_n_epoch=None, num_sanity_val_steps=0, log_every_n_steps=cfg.trainer.log_every,
-        logger=logger if logger is not None else False, callbacks=callbacks,
+        logger=logger if logger is not None else False, callbacks=callbacks, plugins=plugins,
         enable_checkpointing=checkpoint_dir is not None, use_distributed_sampler=False,
         deterministic=cfg.trainer.deterministic, enable_progress_bar=cfg.trainer.progress_bar and not quiet,
         enable_model_summary=not quiet,

@@ -50,7 +50,10 @@ class RunStatus(enum.StrEnum):
 
     @classmethod
     def of(cls, run) -> RunStatus | None:
-        """The status of an MLflow run: its ``status`` tag, else its MLflow status; None while it runs."""
+        """The status of an ended MLflow run: its ``status`` tag, else its MLflow status; None while it runs (a
+        reopened run keeps the tag of its previous ending until it ends again)."""
+        if run.info.status == RUNNING:
+            return None
         tag = run.data.tags.get("status")
         if tag in {status.value for status in cls}:
             return cls(tag)

@@ -49,6 +49,8 @@ class HeldClient:
         self._client = mlflow_client
 
     def __getattr__(self, name: str):
+        if name.startswith("__") or name == "_client":  # copy/pickle probe these before _client is set
+            raise AttributeError(name)
         attr = getattr(self._client, name)
         if not callable(attr):
             return attr

@@ -184,14 +184,13 @@ def build_trainer(cfg: ExperimentConfig, module: L.LightningModule, logger: Logg
 
     ``logger``: the run's logger (None: log nowhere). ``checkpoint_dir``: where ``last.ckpt`` is written every
     ``trainer.checkpoint_every`` steps, atomically (:mod:`pc_lightning.atomic_checkpoint`), with the MLflow run
-    id in it; None: no checkpoints. ``strategy``:
-    replaces :func:`pc_lightning.distributed.lightning_strategy` (the tests run FSDP on CPU processes through a
-    subclass of Lightning's FSDPStrategy).
+    id in it; None: no checkpoints. ``strategy``: replaces :func:`pc_lightning.distributed.lightning_strategy`
+    (the tests run FSDP on CPU processes through a subclass of Lightning's FSDPStrategy).
     """
     world = world_size(cfg)
-    callbacks: list[L.Callback] = [TokenThroughput(tokens_per_step(cfg, world), flops_per_token(cfg.model,
-                                                                                                cfg.data.seq_len),
-                                                   cfg.trainer.log_every)]
+    throughput = TokenThroughput(tokens_per_step(cfg, world), flops_per_token(cfg.model, cfg.data.seq_len),
+                                 cfg.trainer.log_every)
+    callbacks: list[L.Callback] = [throughput]
     if logger is not None:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     plugins = []

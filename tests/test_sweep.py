@@ -84,8 +84,7 @@ def interrupted_sweep(spec_path: Path, results_dir: Path, sig: signal.Signals, a
     """``pcl sweep`` in a subprocess that receives ``sig`` after optimizer step ``at_step`` of its first trial
     (tests/sweep_worker.py); its exit code."""
     env = dict(os.environ, PCL_RESULTS_DIR=str(results_dir))
-    cmd = [sys.executable, str(ROOT / "tests" / "sweep_worker.py"), str(spec_path), "--signal", sig.name[3:],
-           "--at-step", str(at_step)]
+    cmd = [sys.executable, str(ROOT / "tests" / "sweep_worker.py"), str(spec_path), sig.name[3:], str(at_step)]
     return subprocess.run(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                           start_new_session=True, timeout=240).returncode
 

@@ -39,7 +39,7 @@ def start_torchrun(spec_path: Path, results_dir: Path, nproc: int = 2,
     (tests/sweep_worker.py), as a Ctrl-C in the terminal would."""
     env = dict(os.environ, PCL_RESULTS_DIR=str(results_dir), OMP_NUM_THREADS="1")
     sweep = ["-m", "pc_lightning.cli", "sweep", str(spec_path)] if ctrl_c_at is None else \
-        [str(ROOT / "tests" / "sweep_worker.py"), str(spec_path), "--signal", "INT", "--at-step", str(ctrl_c_at)]
+        [str(ROOT / "tests" / "sweep_worker.py"), str(spec_path), "INT", str(ctrl_c_at)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *sweep]
     with open(spec_path.parent / "torchrun.log", "w") as log:
         return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -19,7 +19,8 @@ Every combination is one :func:`pc_lightning.train.train` run nested under one M
 ablation, tagged with its key ``variant|optimizer|lr|seed``. Re-running the command skips combinations
 that already have a finished or diverged run under that parent and retries failed or killed ones. A
 combination that fails (e.g. a variant whose code is not there yet) ends as a failed run carrying the error
-(its run is created before anything else, :func:`pc_lightning.train.open_run`) and the grid goes on. At the end ``results/<name>/`` (summary.md, runs.csv, PNG plots) is rendered from MLflow by
+(its run is created before anything else, :func:`pc_lightning.train.open_run`) and the grid goes on. At the
+end ``results/<name>/`` (summary.md, runs.csv, PNG plots) is rendered from MLflow by
 :mod:`pc_lightning.sweep.report` -- the same code ``pcl report`` uses -- and attached to the parent run.
 """
 

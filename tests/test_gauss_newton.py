@@ -137,7 +137,7 @@ def test_gauss_newton_run_through_train(tiny_cfg, name):
 def test_gauss_newton_resume_reads_the_stacked_batches_of_the_uninterrupted_run(tiny_cfg):
     """A GN run stopped after outer step 1 of 3 and resumed ends bit for bit where the uninterrupted run ends: each
     outer step reads its own (inner_steps + 1) * B windows however the run was cut."""
-    keys = {"optim.name": "gn", "optim.inner_steps": 1, "trainer.max_steps": 3, "trainer.checkpoint_every": 1,
+    keys = {"optim.name": "gn", "optim.gn.inner_steps": 1, "trainer.max_steps": 3, "trainer.checkpoint_every": 1,
             "trainer.val_every": 3}
     straight = train(tiny_cfg(name="gn-straight", **keys), quiet=True)
     first = train(tiny_cfg(name="gn-split", **keys), extra_callbacks=[StopAt(1)], quiet=True)
@@ -619,6 +619,8 @@ def test_init_from_starts_from_the_checkpoint_weights_with_fresh_state(tiny_cfg,
     """A 2-step AdamW run (TSVD: its ranks changed), then a Gauss-Newton (dense) or Muon run started from its
     weights: same weights at the start, step 0, empty optimizer state, a new MLflow run tagged pcl.init_from."""
     variant = {"model.linear": linear, "model.tsvd.rank_check_every": 1, "model.tsvd.energy_threshold": 0.5}
+    if linear == "pc":  # AdamW resolves level 4, Muon level 2: pin it so both runs build the same model
+        variant["model.pc.level"] = 4
     source = train(tiny_cfg(name=f"warm-{linear}", **variant, **{"trainer.max_steps": 2}), quiet=True)
     path = f"{source.checkpoint_dir}/last.ckpt"
     saved = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]

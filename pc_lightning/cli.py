@@ -140,16 +140,17 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             return 0
         from pc_lightning.distributed import exit_follower, leave_together
+        from pc_lightning.tracked_run import RunStatus
         from pc_lightning.train import train
 
         result = train(cfg, resume=args.resume)
-        code = 3 if result.status == "diverged" else 0
+        code = 3 if result.status == RunStatus.DIVERGED else 0
         if not result.run_id:  # a rank other than 0 of a multi-process run: rank 0 reports
             leave_together()
             exit_follower(code)
         print(f"run {result.run_id}: {result.status} at step {result.step}; "
               f"val/loss={result.metrics.get('val/loss', float('nan')):.4f}; checkpoints in {result.checkpoint_dir}")
-        if result.status == "diverged":
+        if result.status == RunStatus.DIVERGED:
             print(f"pcl: {result.message}", file=sys.stderr)
         leave_together()
         return code

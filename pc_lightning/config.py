@@ -259,13 +259,30 @@ class SoapConfig(Section):
 @dataclass
 class GaussNewtonConfig(Section):
     """Full and layer-wise Gauss-Newton (gn, gn_layerwise; docs/optimizers.md). trainer.max_steps counts outer
-    steps; each takes inner_steps + 1 batches."""
+    steps; each takes inner_steps + line_search_batches batches."""
 
     inner_optimizer: Literal["adamw", "muon"] = "adamw"
-    inner_steps: int = 8
+    inner_steps: int = 4  # conf/optim/gn.yaml's value, the one results/bench/optimizers.md measured
     inner_lr: float = 3e-3
     damping: float = 0.0
     line_search: list[float] = field(default_factory=lambda: [1.0, 2**-0.5, 0.5, 2**-1.5, 0.25])
+    # global_cosine: optim's warmup + cosine over outer steps scales the inner lr (constant within an outer step);
+    # per_outer_cosine: inner lr · ½(1 + cos(πk/inner_steps)) at inner step k, restarting every outer step,
+    # after a linear warmup over optim.warmup_fraction of the outer steps (constant afterwards)
+    inner_schedule: Literal["global_cosine", "per_outer_cosine"] = "global_cosine"
+    inner_grad_clip: float = 0.0  # max global norm of each inner step's gradient ∇M (0 = off)
+    inner_betas: Optional[list[float]] = None  # the inner AdamW's betas (None = optim.betas)
+    inner_weight_decay: Optional[float] = None  # the inner optimizer's weight decay (None = optim.weight_decay)
+    inner_muon_weight_decay: Optional[float] = None  # its Muon part's (None = inner_weight_decay)
+    # keep the inner iterate θ̂ and the inner optimizer state from one outer step to the next (else restart both
+    # at θ_t with fresh state)
+    carry_inner_state: bool = False
+    line_search_batches: int = 1  # fresh batches the line-search loss is averaged over
+    ema_decay: float = 0.0  # EMA of the outer parameters, validated and checkpointed (0 = off)
+    # gn_layerwise solve groups: blocks_plus_rest = each block + one group of everything else; reference = the
+    # embedding, each block and the LM head apart (anything else, i.e. the final norm, one more group)
+    layer_groups: Literal["blocks_plus_rest", "reference"] = "blocks_plus_rest"
+    freeze_final_norm: bool = False  # the final norm's weight is not trained
 
     def check(self) -> None:
         _positive(self, "inner_lr")
@@ -273,6 +290,14 @@ class GaussNewtonConfig(Section):
         require(self.damping >= 0, "damping", "must be >= 0")
         require(len(self.line_search) > 0 and all(a > 0 for a in self.line_search), "line_search",
                 "need positive step sizes")
+        require(self.inner_grad_clip >= 0, "inner_grad_clip", "must be >= 0 (0 = off)")
+        require(self.inner_betas is None or (len(self.inner_betas) == 2 and all(0 <= b < 1 for b in self.inner_betas)),
+                "inner_betas", "need two numbers in [0, 1), or null for optim.betas")
+        for name in ("inner_weight_decay", "inner_muon_weight_decay"):
+            value = getattr(self, name)
+            require(value is None or value >= 0, name, "must be >= 0, or null")
+        require(self.line_search_batches >= 1, "line_search_batches", "must be >= 1")
+        require(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1) (0 = off)")
 
 
 def _moved_to(section: str, names: tuple[str, ...]) -> dict[str, str]:
@@ -322,6 +347,8 @@ class OptimConfig(Section):
         require(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 = off)")
         require(self.decay_pc_gamma or not self.decay_all, "decay_pc_gamma",
                 "false contradicts decay_all=true, which decays the PC gains too")
+        require(self.gn.layer_groups == "blocks_plus_rest" or self.name == "gn_layerwise", "gn.layer_groups",
+                f"only gn_layerwise has solve groups (optim.name is {self.name})")
 
 
 @dataclass
@@ -340,6 +367,9 @@ class TrainerConfig(Section):
     log_every: int = 10
     checkpoint_every: int = 100  # optimizer steps between checkpoints (last.ckpt)
     checkpoint_dir: str = "results/checkpoints"
+    # start from this checkpoint's weights with a fresh optimizer, schedule, step 0 and a new MLflow run
+    # (pc_lightning/init_from.py); the checkpoint's model config must match the run's. --resume wins over it.
+    init_from: Optional[str] = None
     seed: int = 1337
     deterministic: bool = False
     num_threads: Optional[int] = None  # torch CPU threads (None = torch default)
@@ -766,9 +796,10 @@ def validate(cfg: ExperimentConfig) -> None:
 
 
 def batches_per_step(cfg: ExperimentConfig) -> int:
-    """Batches (per rank) one optimizer step consumes: a Gauss-Newton outer step takes inner_steps + 1."""
+    """Batches (per rank) one optimizer step consumes: a Gauss-Newton outer step takes inner_steps +
+    line_search_batches."""
     if cfg.optim.gauss_newton:
-        return cfg.optim.gn.inner_steps + 1
+        return cfg.optim.gn.inner_steps + cfg.optim.gn.line_search_batches
     return cfg.trainer.accumulate_grad_batches
 
 

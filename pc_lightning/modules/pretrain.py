@@ -112,11 +112,15 @@ class PretrainModule(L.LightningModule):
         if isinstance(batch, (list, tuple)):  # (windows, bytes of each window's targets)
             batch, target_bytes = batch
         x, y = batch[:, :-1], batch[:, 1:]
-        _, ce, _ = next_token_loss(self.model(x), y)
+        _, ce, _ = next_token_loss(self.validation_logits(x), y)
         self.val_loss.update(ce, weight=y.numel())
         if target_bytes is not None:
             self.val_nats.update(ce.detach() * y.numel())
             self.val_bytes.update(target_bytes.sum())
+
+    def validation_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits validation scores: the model's own (Gauss-Newton may evaluate EMA weights instead)."""
+        return self.model(x)
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()  # already over every rank's batches: torchmetrics syncs in compute()

@@ -19,10 +19,13 @@
 * ``soap``: ``pytorch_optimizer.SOAP`` (Vyas et al. 2024, arXiv 2409.11321), see :func:`soap`.
 * ``gn`` / ``gn_layerwise``: the outer step belongs to
   :class:`~pc_lightning.modules.gauss_newton.GaussNewtonModule`; :func:`build_inner_optimizer` builds the
-  inner optimizer (``gn.inner_optimizer`` = adamw | muon, every group at ``gn.inner_lr``).
+  inner optimizer (``gn.inner_optimizer`` = adamw | muon, every group at ``gn.inner_lr``; betas and weight decay
+  from ``gn.inner_betas`` / ``gn.inner_weight_decay`` / ``gn.inner_muon_weight_decay`` where set).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytorch_optimizer
 import torch
@@ -50,11 +53,13 @@ def also_decayed(model: nn.Module, cfg: OptimConfig) -> frozenset[str]:
     return pc_gain_names(model) if cfg.decay_pc_gamma else frozenset()
 
 
-def weight_decay_at(cfg: OptimConfig, lr: float) -> float:
-    """The ``weight_decay`` to hand an optimizer (part) whose peak LR is ``lr``. torch's optimizers decay by
-    lr_t * weight_decay per step; with ``independent_weight_decay`` the decay must not scale with the peak LR
-    (Wortsman et al. 2023: p -= s_t * lambda * p, s_t the schedule), so they get lambda / lr."""
-    return cfg.weight_decay / lr if cfg.independent_weight_decay else cfg.weight_decay
+def weight_decay_at(cfg: OptimConfig, lr: float, weight_decay: float | None = None) -> float:
+    """The weight decay (default ``cfg.weight_decay``) to hand an optimizer (part) whose peak LR is ``lr``.
+    torch's optimizers decay by lr_t * weight_decay per step; with ``independent_weight_decay`` the decay must not
+    scale with the peak LR (Wortsman et al. 2023: p -= s_t * lambda * p, s_t the schedule), so they get
+    lambda / lr."""
+    weight_decay = cfg.weight_decay if weight_decay is None else weight_decay
+    return weight_decay / lr if cfg.independent_weight_decay else weight_decay
 
 
 def decay_groups(params: NamedParams, weight_decay: float, lr: float,
@@ -71,8 +76,8 @@ def adamw(params: NamedParams, cfg: OptimConfig, lr: float | None = None,
           also_decay: frozenset[str] = frozenset()) -> torch.optim.AdamW:
     lr = cfg.lr if lr is None else lr
     fused = all(p.is_cuda for _, p in params) and len(params) > 0
-    return torch.optim.AdamW(decay_groups(params, weight_decay_at(cfg, lr), lr, also_decay), lr=lr, betas=tuple(cfg.betas),
-                             eps=cfg.eps, fused=fused or None)
+    return torch.optim.AdamW(decay_groups(params, weight_decay_at(cfg, lr), lr, also_decay), lr=lr,
+                             betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
 
 
 def is_hidden_matrix(name: str, param: nn.Parameter) -> bool:
@@ -80,16 +85,20 @@ def is_hidden_matrix(name: str, param: nn.Parameter) -> bool:
     return param.ndim == 2 and name.startswith("blocks.")
 
 
-def muon(params: NamedParams, cfg: OptimConfig, lr: float | None = None,
-         adamw_lr: float | None = None, also_decay: frozenset[str] = frozenset()) -> CombinedOptimizer:
+def muon(params: NamedParams, cfg: OptimConfig, lr: float | None = None, adamw_lr: float | None = None,
+         also_decay: frozenset[str] = frozenset(), muon_weight_decay: float | None = None) -> CombinedOptimizer:
+    """Muon on the hidden matrices (weight decay ``muon_weight_decay``, default ``cfg.weight_decay``), AdamW on
+    the rest."""
     lr = cfg.lr if lr is None else lr
     adamw_lr = cfg.muon.adamw_lr if adamw_lr is None else adamw_lr
+    muon_weight_decay = cfg.weight_decay if muon_weight_decay is None else muon_weight_decay
     hidden = [(n, p) for n, p in params if is_hidden_matrix(n, p)]
     rest = [(n, p) for n, p in params if not is_hidden_matrix(n, p)]
     parts: list[torch.optim.Optimizer] = []
     if hidden:
         parts.append(torch.optim.Muon(
-            [{"params": [p for _, p in hidden], "name": "muon"}], lr=lr, weight_decay=weight_decay_at(cfg, lr),
+            [{"params": [p for _, p in hidden], "name": "muon"}], lr=lr,
+            weight_decay=weight_decay_at(cfg, lr, muon_weight_decay),
             momentum=cfg.muon.momentum, nesterov=cfg.muon.nesterov, ns_steps=cfg.muon.ns_steps,
             adjust_lr_fn=cfg.muon.adjust_lr_fn,
         ))
@@ -123,12 +132,18 @@ def soap(params: NamedParams, cfg: OptimConfig, also_decay: frozenset[str] = fro
 
 
 def build_inner_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The Gauss-Newton inner optimizer over all trainable parameters; every group at ``gn.inner_lr``."""
+    """The Gauss-Newton inner optimizer over all trainable parameters; every group at ``gn.inner_lr``, with
+    ``gn.inner_betas`` / ``gn.inner_weight_decay`` / ``gn.inner_muon_weight_decay`` where set (else optim's)."""
+    gn = cfg.gn
+    betas = cfg.betas if gn.inner_betas is None else gn.inner_betas
+    weight_decay = cfg.weight_decay if gn.inner_weight_decay is None else gn.inner_weight_decay
+    inner = dataclasses.replace(cfg, betas=betas, weight_decay=weight_decay)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     also_decay = also_decayed(model, cfg)
-    if cfg.gn.inner_optimizer == "muon":
-        return muon(params, cfg, lr=cfg.gn.inner_lr, adamw_lr=cfg.gn.inner_lr, also_decay=also_decay)
-    return adamw(params, cfg, lr=cfg.gn.inner_lr, also_decay=also_decay)
+    if gn.inner_optimizer == "muon":
+        return muon(params, inner, lr=gn.inner_lr, adamw_lr=gn.inner_lr, also_decay=also_decay,
+                    muon_weight_decay=gn.inner_muon_weight_decay)
+    return adamw(params, inner, lr=gn.inner_lr, also_decay=also_decay)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:

@@ -14,6 +14,12 @@ seed, command-line overrides.
     seeds: [1337]
     lrs: [3.0e-3]                      # empty = the config's optim.lr
     reference: baseline                # the variant the others are compared with; default: the first one
+    warm_start: [trainer.max_steps=300, trainer.checkpoint_every=300]  # optional: one shared start (below)
+
+With ``warm_start`` one run (base, overrides, then these; seed = the first seed) is trained first as a child of
+the parent (key ``warm_start``) and its ``last.ckpt`` becomes ``trainer.init_from`` of every combination, so they
+all start from the same weights (Abreu et al.'s optimizer comparison). It must write a checkpoint at its last
+step (``trainer.checkpoint_every`` dividing its ``max_steps``). A re-run reuses it.
 
 Every combination is one :func:`pc_lightning.train.train` run nested under one MLflow parent run per
 ablation, tagged with its key ``variant|optimizer|lr|seed``. Re-running the command skips combinations
@@ -59,6 +65,9 @@ class AblationSpec:
     metrics: dict[str, MetricSpec] = field(default_factory=dict)  # extra per-run metrics the report summarises
     output: str | None = None  # the report's folder under results/ (None = the name)
     claim: ClaimSpec | None = None  # a positive control's claim and its rule (pcl claims)
+    # overrides of one shared warm-start run trained before the grid (seed: the first seed); its last checkpoint
+    # becomes every run's trainer.init_from (None: no warm start)
+    warm_start: list[str] | None = None
 
     @property
     def reference_variant(self) -> str:
@@ -140,6 +149,43 @@ def run_config(spec: AblationSpec, combo: Combination, overrides: list[str], par
     return cfg
 
 
+WARM_START_KEY = "warm_start"
+
+
+def warm_start_config(spec: AblationSpec, overrides: list[str], parent_id: str | None) -> ExperimentConfig:
+    cfg = compose_config(spec.base, list(spec.overrides) + list(spec.warm_start or [])
+                         + [f"trainer.seed={spec.seeds[0]}", *overrides])
+    cfg.name = f"{spec.name}-{WARM_START_KEY}"
+    cfg.tracking.run_name = WARM_START_KEY
+    cfg.tracking.parent_run_id = parent_id
+    cfg.tracking.tags.update({"pcl.kind": "ablation-warm-start", "pcl.ablation": spec.name,
+                              "pcl.key": WARM_START_KEY})
+    cfg.trainer.progress_bar = False
+    return cfg
+
+
+def warm_start_checkpoint(spec: AblationSpec, overrides: list[str], mlflow_client, parent_id: str) -> str:
+    """The shared warm start's ``last.ckpt``: the finished one under the parent, or trained now."""
+    from pc_lightning.train import train
+
+    for r in runs.children(mlflow_client, mlflow_client.get_run(parent_id)):
+        path = r.data.tags.get("pcl.checkpoint")
+        if r.data.tags.get("pcl.key") == WARM_START_KEY and is_done(r) and path and Path(path).exists():
+            print(f"ablation '{spec.name}': warm start {path}")
+            return path
+    cfg = warm_start_config(spec, overrides, parent_id)
+    started = time.time()
+    result = train(cfg, quiet=True)
+    path = Path(result.checkpoint_dir or "") / "last.ckpt"
+    if result.status != RunStatus.FINISHED or not path.exists():
+        raise ConfigError("warm_start", f"the warm-start run ended {result.status} without {path}: it must finish "
+                                        "and write a checkpoint at its last step (trainer.checkpoint_every)")
+    mlflow_client.set_tag(result.run_id, "pcl.checkpoint", str(path))
+    print(f"ablation '{spec.name}': warm start trained in {time.time() - started:.0f}s, val/loss="
+          f"{result.metrics.get('val/loss', float('nan')):.4f} -> {path}")
+    return str(path)
+
+
 def is_done(run) -> bool:
     """Finished and diverged runs are results; failed, killed and running ones are redone."""
     return RunStatus.of(run) in (RunStatus.FINISHED, RunStatus.DIVERGED)
@@ -158,6 +204,8 @@ def run_ablation(spec_path: str, overrides: list[str] | None = None, seeds: list
     grid = combinations(spec)
     for combo in grid:  # every combination is a valid config before anything runs
         run_config(spec, combo, overrides, None)
+    if spec.warm_start is not None:
+        warm_start_config(spec, overrides, None)
 
     base = compose_config(spec.base, list(spec.overrides) + overrides)
     uri = tracking.tracking_uri(base.tracking)
@@ -176,8 +224,11 @@ def run_ablation(spec_path: str, overrides: list[str] | None = None, seeds: list
                     if is_done(r)}
             todo = [c for c in grid if c.key not in done]
             print(f"ablation '{spec.name}': {len(grid)} runs, {len(grid) - len(todo)} already done, {len(todo)} to run")
+            start = []
+            if spec.warm_start is not None and todo:
+                start = [f"trainer.init_from={warm_start_checkpoint(spec, overrides, mlflow_client, parent.run_id)}"]
             for i, combo in enumerate(todo, 1):
-                cfg = run_config(spec, combo, overrides, parent.run_id)
+                cfg = run_config(spec, combo, start + overrides, parent.run_id)
                 started = time.time()
                 try:
                     result = train(cfg, quiet=True)

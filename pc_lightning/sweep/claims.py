@@ -243,6 +243,8 @@ def outcome_of(mlflow_client, path: Path) -> ClaimOutcome:
     rep = ablation_report(mlflow_client, parent)
     chosen = {r.run_id for r in rep.rows if r.status in DONE}
     wall = sum(run_seconds(r) for r in rep.children if r.info.run_id in chosen)
+    wall += sum(run_seconds(r) for r in runs.children(mlflow_client, parent)  # a shared warm start, if any
+                if r.data.tags.get("pcl.key") == "warm_start" and r.data.tags.get("pcl.checkpoint"))
     return ClaimOutcome(path.stem, spec, evaluate(spec.claim, rep, list(spec.optimizers)), len(chosen), wall,
                         sorted({r.seed for r in rep.rows}))
 

@@ -502,7 +502,7 @@ def _fmt_metric(values: dict[int, float], log: bool) -> str:
 
 def describe_metric(spec: MetricSpec) -> str:
     """'spectrum/gmcn, mean over steps' and the like, for the report."""
-    how = {"first_step_at_or_below": f"first step with value ≤ {spec.threshold:g}"}.get(spec.reduce, spec.reduce)
+    how = f"first step with value ≤ {spec.threshold:g}" if spec.reduce == "first_step_at_or_below" else spec.reduce
     where = f" at lr={spec.lr:g}" if spec.lr is not None else ""
     after = f", from step {spec.after_step}" if spec.after_step else ""
     return f"`{spec.key}`, {how}{after}{where}" + (f" ({spec.description})" if spec.description else "")
@@ -719,7 +719,8 @@ def ablation_report(mlflow_client, parent) -> AblationReport:
     """Rows, groups and statistics of an ablation parent run."""
     name = parent.data.tags["pcl.name"]
     specs = metric_specs(parent)
-    children = runs.children(mlflow_client, parent)
+    # the grid's runs (a shared warm-start run, pcl.key warm_start, is not one of them)
+    children = [r for r in runs.children(mlflow_client, parent) if r.data.tags.get("pcl.key") != "warm_start"]
     rows = select_runs([run_row(mlflow_client, r, specs) for r in children])
     variants = json.loads(parent.data.tags.get("pcl.variants", "[]")) or sorted({r.variant for r in rows})
     optimizers = json.loads(parent.data.tags.get("pcl.optimizers", "[]")) or sorted({r.optimizer for r in rows})

@@ -6,7 +6,8 @@ Wortsman et al. 2023, "Small-scale proxies for large-scale Transformer training 
     LRsens = E_eta [ min(l(eta), l0) - min_eta l(eta) ]
 
 over a log-spaced grid of learning rates eta, where l(eta) is the final loss trained at eta and l0 the
-loss at initialisation (here ln(vocab), the loss of a uniform predictor). A diverged run counts as l0,
+loss at initialisation (the report passes each run's first training loss; ln(vocab), the loss of a uniform
+predictor, for runs recorded before that was logged). A diverged run counts as l0,
 so a recipe that trains well over a wide LR range has a small sensitivity.
 
 The maximum stable LR is the largest eta of the grid at which the run did not diverge and kept at least a

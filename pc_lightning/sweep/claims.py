@@ -242,6 +242,8 @@ def outcome_of(mlflow_client, path: Path) -> ClaimOutcome:
         return ClaimOutcome(path.stem, spec, None)
     rep = ablation_report(mlflow_client, parent)
     chosen = {r.run_id for r in rep.rows if r.status in DONE}
+    if not chosen:  # started but no run finished or diverged yet (e.g. interrupted in its first run)
+        return ClaimOutcome(path.stem, spec, None)
     wall = sum(run_seconds(r) for r in rep.children if r.info.run_id in chosen)
     wall += sum(run_seconds(r) for r in runs.children(mlflow_client, parent)  # a shared warm start, if any
                 if r.data.tags.get("pcl.key") == "warm_start" and r.data.tags.get("pcl.checkpoint"))

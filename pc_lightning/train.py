@@ -26,7 +26,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.loggers.logger import DummyLogger
 
 from pc_lightning import tracking
-from pc_lightning.config import (ConfigError, ExperimentConfig, batches_per_step, flatten, save_yaml, steps_for_budget,
+from pc_lightning.config import (ConfigError, ExperimentConfig, batches_per_step, flatten, steps_for_budget,
                                  to_dict)
 from pc_lightning.data.datamodule import PretrainDataModule
 from pc_lightning.data.prepare import prepare
@@ -37,6 +37,7 @@ from pc_lightning.callbacks.throughput import TokenThroughput
 from pc_lightning.model import count_parameters, flops_per_token
 from pc_lightning.modules.gauss_newton import GaussNewtonDataModule, GaussNewtonModule
 from pc_lightning.modules.pretrain import Diverged, PretrainModule
+from pc_lightning.secrets import redact, redact_tree
 
 
 @dataclass
@@ -96,6 +97,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None, extra_callbacks: lis
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    tracking.check_server(cfg.tracking)  # a tracking server that is down or refuses us: one line, in seconds
 
     # Data first: the tokenizer fixes the vocabulary, which the config check needs before the model exists.
     prepared = prepare(cfg.data)
@@ -127,12 +129,16 @@ def train(cfg: ExperimentConfig, resume: str | None = None, extra_callbacks: lis
             tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
         logger = MLFlowLogger(experiment_name=cfg.tracking.experiment, run_name=cfg.tracking.run_name or cfg.name,
                               tracking_uri=uri, tags=tags, run_id=run_id,
-                              artifact_location=tracking.artifact_location(uri))
+                              artifact_location=tracking.artifact_location(uri),
+                              # a server's outage must not stop training: metrics go through MLflow's background
+                              # queue, whose requests MLflow retries (~4 min of backoff) while training goes on
+                              synchronous=False if tracking.is_server(uri) else None)
     else:
         logger, run_id = DummyLogger(), None
 
     gauss_newton = cfg.optim.gauss_newton  # manual optimisation, stacked batches
-    module = (GaussNewtonModule if gauss_newton else PretrainModule)(to_dict(cfg), total_steps=total_steps)
+    # the config saved in every checkpoint's hyperparameters, with passwords in URLs redacted
+    module = (GaussNewtonModule if gauss_newton else PretrainModule)(redact_tree(to_dict(cfg)), total_steps=total_steps)
     datamodule = (GaussNewtonDataModule if gauss_newton else PretrainDataModule)(
         cfg.data, seed=cfg.trainer.seed, max_steps=total_steps, accumulate=batches_per_step(cfg))
     datamodule.prepared = prepared
@@ -182,7 +188,7 @@ def _closed_on_exit(mlflow_client, run_id: str | None):
         if run_id:
             mlflow_client.set_terminated(run_id, "FAILED")
             mlflow_client.set_tag(run_id, "status", "failed")
-            mlflow_client.set_tag(run_id, "error", f"{type(e).__name__}: {e}"[:5000])
+            mlflow_client.set_tag(run_id, "error", redact(f"{type(e).__name__}: {e}")[:5000])
         raise
 
 
@@ -219,19 +225,24 @@ def _log_resume(mlflow_client, run_id: str, cfg: ExperimentConfig, ckpt_path: Pa
     """A resume may change the config (e.g. a longer trainer.max_steps): MLflow params are immutable, so the
     run keeps its first config as params and config.yaml, and each resume adds its config as an artifact."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    mlflow_client.log_text(run_id, yaml.safe_dump(to_dict(cfg), sort_keys=False), f"resumes/config-{stamp}.yaml")
+    mlflow_client.log_text(run_id, yaml.safe_dump(redact_tree(to_dict(cfg)), sort_keys=False),
+                           f"resumes/config-{stamp}.yaml")
     mlflow_client.set_tag(run_id, "pcl.resumed_from", str(ckpt_path))
 
 
 def _log_config(logger: MLFlowLogger, cfg: ExperimentConfig, prepared, module: PretrainModule, total_steps: int,
                 tokens_per_step: int) -> None:
-    """Params (flattened resolved config), the config YAML artifact and the run's fixed reference numbers."""
-    params: dict[str, Any] = flatten(to_dict(cfg))
+    """Params (flattened resolved config), the config YAML artifact and the run's fixed reference numbers;
+    passwords in URLs (tracking URI, data source) are redacted in both."""
+    config = redact_tree(to_dict(cfg))
+    params: dict[str, Any] = flatten(config)
     params.update({"derived.total_steps": total_steps, "derived.tokens_per_step": tokens_per_step,
-                   "derived.parameters": count_parameters(module.model), "data.cache": str(prepared.dir)})
+                   "derived.parameters": count_parameters(module.model), "data.cache": redact(str(prepared.dir))})
     logger.log_hyperparams(params)
     with tempfile.TemporaryDirectory() as tmp:
-        path = save_yaml(cfg, os.path.join(tmp, "config.yaml"))
-        logger.experiment.log_artifact(logger.run_id, str(path))
+        path = os.path.join(tmp, "config.yaml")
+        with open(path, "w") as f:
+            yaml.safe_dump(config, f, sort_keys=False)
+        logger.experiment.log_artifact(logger.run_id, path)
     logger.log_metrics({"val/unigram_entropy": prepared.meta["val_unigram_entropy"],
                         "data/train_tokens": float(prepared.meta["train_tokens"])}, step=0)

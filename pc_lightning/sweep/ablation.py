@@ -35,6 +35,7 @@ import yaml
 
 from pc_lightning import tracking
 from pc_lightning.config import ConfigError, ExperimentConfig, build
+from pc_lightning.secrets import redact
 from pc_lightning.sweep import runs
 from pc_lightning.sweep.space import compose_config, resolve_relative
 
@@ -148,7 +149,7 @@ def record_failure(mlflow_client, parent_id: str, cfg: ExperimentConfig, earlier
                                           tags={**cfg.tracking.tags, "mlflow.parentRunId": parent_id}).info.run_id
         mlflow_client.set_terminated(run_id, "FAILED")
     mlflow_client.set_tag(run_id, "status", "failed")
-    mlflow_client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])
+    mlflow_client.set_tag(run_id, "error", redact(f"{type(error).__name__}: {error}")[:5000])
 
 
 def run_ablation(spec_path: str, overrides: list[str] | None = None) -> int:
@@ -163,6 +164,7 @@ def run_ablation(spec_path: str, overrides: list[str] | None = None) -> int:
         run_config(spec, combo, overrides, None)
 
     base = compose_config(spec.base, list(spec.overrides) + overrides)
+    tracking.check_server(base.tracking)  # a tracking server that is down or refuses us: one line, in seconds
     uri = tracking.tracking_uri(base.tracking)
     mlflow_client = tracking.client(uri)
     parent_id = runs.find_or_create_parent(mlflow_client, uri, base.tracking.experiment, "ablation", spec.name, {
@@ -190,7 +192,7 @@ def run_ablation(spec_path: str, overrides: list[str] | None = None) -> int:
         except Exception as e:  # one broken combination must not stop the grid; it is recorded as failed
             failures += 1
             record_failure(mlflow_client, parent_id, cfg, earlier, e)
-            print(f"[{i}/{len(todo)}] {combo.key}: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+            print(redact(f"[{i}/{len(todo)}] {combo.key}: FAILED: {type(e).__name__}: {e}"), file=sys.stderr)
 
     out_dir = publish_ablation(mlflow_client, parent_id)
     mlflow_client.set_terminated(parent_id, "FINISHED")

@@ -180,7 +180,7 @@ class MlflowServer:
             return
         try:
             os.killpg(self.proc.pid, sig)
-            self.proc.wait(timeout=30)
+            self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=30)

@@ -104,8 +104,8 @@ def test_wrong_mlflow_password_stops_before_training(mlflow_server, tmp_path, re
 # ------------------------------------------------------------------------------------------------------------
 
 
-def descendants_command_lines(pid: int) -> list[str]:
-    """Command lines of the running processes below ``pid`` (from /proc)."""
+def descendants_command_lines(pid: int) -> dict[int, str]:
+    """Command lines of the running processes below ``pid`` (from /proc), by process id."""
     parents = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -114,12 +114,12 @@ def descendants_command_lines(pid: int) -> list[str]:
                 parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
             except (OSError, IndexError, ValueError):
                 pass
-    family, lines = {pid}, []
+    family, lines = {pid}, {}
     for _ in range(4):
         family |= {p for p, parent in parents.items() if parent in family}
     for p in family - {pid}:
         try:
-            lines.append((Path("/proc") / str(p) / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+            lines[p] = (Path("/proc") / str(p) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             pass
     return lines
@@ -144,14 +144,15 @@ def test_sweep_three_workers_on_postgres_and_mlflow_server(postgres, mlflow_serv
             [sys.executable, "-m", "pc_lightning.cli", "sweep", str(spec_path), "--workers", "3",
              "--storage", postgres.url(), f"tracking.tracking_uri={tracking_uri}"],
             cwd=ROOT, stdout=fo, stderr=fe, env=dict(os.environ, PCL_RESULTS_DIR=str(results_dir)))
-        command_lines = set()
+        command_lines = {}
         while proc.poll() is None:
-            command_lines.update(descendants_command_lines(proc.pid))
+            command_lines.update({p: c for p, c in descendants_command_lines(proc.pid).items() if c})  # not zombies
             time.sleep(0.5)
     output = out.read_text() + err.read_text()
     assert proc.returncode == 0, output
-    workers = [c for c in command_lines if "pc_lightning.cli" in c]
-    assert len(workers) >= 3 and not [c for c in command_lines if any(s in c for s in SECRETS)], command_lines
+    workers = [c for c in command_lines.values() if "pc_lightning.cli sweep" in c]
+    assert len(workers) == 3, command_lines
+    assert not [c for c in command_lines.values() if any(s in c for s in SECRETS)], command_lines
 
     study = open_study(load_spec(spec_path), postgres.url())
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * n_trials  # exactly n_trials, no extras
@@ -244,7 +245,7 @@ def test_sigkilled_worker_trial_is_retried_by_another_worker(postgres, mlflow_se
                 break
     assert victim is not None, "no trial was seen training"
     os.kill(int(victim.data.tags["pcl.worker"].rsplit(":", 1)[1]), signal.SIGKILL)
-    output, _ = proc.communicate(timeout=900)
+    output, _ = proc.communicate(timeout=1800)
     assert proc.returncode == 0, output
     assert f"{n_trials}/{n_trials} trials finished" in output
 

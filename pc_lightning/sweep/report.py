@@ -664,6 +664,7 @@ def report(name_or_spec: str, tracking_uri: str | None = None, storage: str | No
         data = yaml.safe_load(path.read_text()) or {}
         kinds = ["study"] if "study_name" in data else ["ablation"]
         name = data.get("study_name") or data.get("name") or name
+    tracking.check_server(TrackingConfig(tracking_uri=tracking_uri))  # down or refusing us: one line, in seconds
     uri = tracking.tracking_uri(TrackingConfig(tracking_uri=tracking_uri))
     mlflow_client = tracking.client(uri)
     for kind in kinds:

@@ -74,8 +74,8 @@ def check_server(cfg: TrackingConfig) -> None:
                                                    f"credentials (HTTP {response.status_code}); set "
                                                    "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
     if response.status_code != 200:
-        raise ConfigError("tracking.tracking_uri", f"{shown} did not answer as an MLflow tracking server "
-                                                   f"(HTTP {response.status_code} for /api/2.0/mlflow/experiments/search)")
+        raise ConfigError("tracking.tracking_uri", f"{shown} did not answer as an MLflow tracking server (HTTP "
+                                                   f"{response.status_code} for /api/2.0/mlflow/experiments/search)")
 
 
 def _reason(error: Exception) -> str:

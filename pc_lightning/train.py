@@ -138,7 +138,8 @@ def train(cfg: ExperimentConfig, resume: str | None = None, extra_callbacks: lis
 
     gauss_newton = cfg.optim.gauss_newton  # manual optimisation, stacked batches
     # the config saved in every checkpoint's hyperparameters, with passwords in URLs redacted
-    module = (GaussNewtonModule if gauss_newton else PretrainModule)(redact_tree(to_dict(cfg)), total_steps=total_steps)
+    module = (GaussNewtonModule if gauss_newton else PretrainModule)(redact_tree(to_dict(cfg)),
+                                                                     total_steps=total_steps)
     datamodule = (GaussNewtonDataModule if gauss_newton else PretrainDataModule)(
         cfg.data, seed=cfg.trainer.seed, max_steps=total_steps, accumulate=batches_per_step(cfg))
     datamodule.prepared = prepared

@@ -14,7 +14,8 @@ from pc_lightning.secrets import redact, redact_tree, split_credentials, without
 @pytest.mark.parametrize("text, expected", [
     ("postgresql://user:pw@db-host/optuna", "postgresql://user:***@db-host/optuna"),
     ("postgresql+psycopg://u:p%40ss@h:5432/db?sslmode=require", "postgresql+psycopg://u:***@h:5432/db?sslmode=require"),
-    ("pcl: cannot reach http://alice:s3cret@127.0.0.1:9/ (refused)", "pcl: cannot reach http://alice:***@127.0.0.1:9/ (refused)"),
+    ("pcl: cannot reach http://alice:s3cret@127.0.0.1:9/ (refused)",
+     "pcl: cannot reach http://alice:***@127.0.0.1:9/ (refused)"),
     ("host=db user=pcl password=s3cret dbname=optuna", "host=db user=pcl password=*** dbname=optuna"),
     ("https://h/data.txt?token=1&Password=s3cret", "https://h/data.txt?token=1&Password=***"),
     ("postgresql://user@db-host/optuna", "postgresql://user@db-host/optuna"),  # no password: unchanged

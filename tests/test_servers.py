@@ -87,6 +87,7 @@ def test_unreachable_tracking_server_stops_before_data_preparation(command, tmp_
 
 
 @pytest.mark.servers
+@pytest.mark.slow  # with the other server tests, so that the servers start once per test run
 def test_wrong_mlflow_password_stops_before_training(mlflow_server, tmp_path, results_dir, capfd):
     cache = tmp_path / "fresh-cache"
     uri = f"http://alice:wrong-password-123@127.0.0.1:{mlflow_server.port}"
@@ -183,8 +184,8 @@ def test_sweep_three_workers_on_postgres_and_mlflow_server(postgres, mlflow_serv
 @pytest.mark.slow
 def test_ablation_on_auth_server_writes_no_password(mlflow_server, tmp_path, data_cache, results_dir, capfd,
                                                     monkeypatch):
-    """An ablation whose tracking URI and data source carry passwords: its params, config.yaml artifacts,
-    summary, CSV, checkpoints and output hold them redacted, and the checkpoint's saved config too."""
+    """An ablation whose tracking URI carries the password: its params, config.yaml artifacts, summary, CSV,
+    checkpoints and output hold it redacted, the checkpoint's saved config too, and the server's files have none."""
     tracking_uri = f"http://alice:{MLFLOW_PASSWORD}@127.0.0.1:{mlflow_server.port}"
     spec = ablation_spec(tmp_path / "abl.yaml", data_cache, results_dir, **{"tracking.tracking_uri": tracking_uri})
     assert main(["ablate", str(spec)]) == 0
@@ -196,7 +197,8 @@ def test_ablation_on_auth_server_writes_no_password(mlflow_server, tmp_path, dat
     assert len(children) == 2 and {c.info.status for c in children} == {"FINISHED"}
     for run in children:
         assert run.data.params["tracking.tracking_uri"] == f"http://alice:***@127.0.0.1:{mlflow_server.port}"
-        config = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text())
+        config = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path)))
+                                .read_text())
         assert config["tracking"]["tracking_uri"] == f"http://alice:***@127.0.0.1:{mlflow_server.port}"
     checkpoints = list((results_dir / "checkpoints").rglob("*.ckpt"))
     assert checkpoints

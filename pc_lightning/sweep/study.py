@@ -198,9 +198,10 @@ def close_crashed_runs(mlflow_client, parent_id: str, trial_number: int, retry_n
         if run.data.tags.get("pcl.trial") == str(trial_number) and run.info.status == "RUNNING":
             mlflow_client.set_terminated(run.info.run_id, "FAILED")
             mlflow_client.set_tag(run.info.run_id, "status", "crashed")
-            mlflow_client.set_tag(run.info.run_id, "error", f"worker {run.data.tags.get('pcl.worker', '?')} stopped "
-                                                            "without closing this run (its Optuna heartbeat went stale); "
-                                                            f"trial {retry_number} re-runs the same parameters")
+            worker = run.data.tags.get("pcl.worker", "?")
+            mlflow_client.set_tag(run.info.run_id, "error", f"worker {worker} stopped without closing this run (its "
+                                                            "Optuna heartbeat went stale); trial "
+                                                            f"{retry_number} re-runs the same parameters")
 
 
 def make_objective(spec: SweepSpec, overrides: list[str], parent_id: str, mlflow_client, held: HeldInterrupt,

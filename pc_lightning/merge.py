@@ -26,6 +26,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from pc_lightning.checkpoint_file import open_checkpoint
 from pc_lightning.config import ModelConfig
 from pc_lightning.layers import iter_layers
 from pc_lightning.model import Llama
@@ -161,9 +162,11 @@ def merge_module(module: PretrainModule, out_dir: str | Path, hf_export: bool = 
 def merge_checkpoint(ckpt_path: str | Path, out_dir: str | Path | None = None, hf_export: bool = True) -> Path:
     """PC/TSVD (or dense) training checkpoint -> ``out_dir/merged.ckpt`` (+ ``out_dir/hf/``); returns out_dir.
 
-    ``out_dir`` defaults to ``<checkpoint dir>/merged``.
+    ``out_dir`` defaults to ``<checkpoint dir>/merged``. A missing, truncated or foreign file raises
+    :class:`~pc_lightning.checkpoint_file.CheckpointError`.
     """
     ckpt_path = Path(ckpt_path)
+    open_checkpoint(ckpt_path, required=("state_dict", "hyper_parameters"))  # a bad file: one CheckpointError naming it
     module = PretrainModule.load_from_checkpoint(ckpt_path, map_location="cpu")
     out = Path(out_dir) if out_dir is not None else ckpt_path.parent / "merged"
     return merge_module(module, out, hf_export=hf_export, source=str(ckpt_path.resolve()))

@@ -18,8 +18,8 @@ run continues with exactly the batches an uninterrupted one would see.
 4. commit θ_{t+1} = θ_t + α (θ̂ − θ_t) as one SGD step of size α along θ_t − θ̂ (the ``outer``
    optimizer): that is what Lightning counts as the optimizer step, checkpoints and schedules around.
 
-The warmup + cosine schedule runs over outer steps and scales the inner learning rate (the paper found a
-global cosine schedule to work best). Weight decay is the inner optimizer's own (decoupled, on θ).
+The learning-rate schedule (``optim.schedule``, warmup + cosine by default) runs over outer steps and scales the
+inner learning rate (the paper found a global cosine schedule to work best). Weight decay is the inner optimizer's own (decoupled, on θ).
 
 ``gn_layerwise``: the parameters are split into solve groups, one per transformer block (``blocks.i.*``)
 plus one for everything outside the blocks (embedding, final norm, LM head), so that every parameter
@@ -70,8 +70,7 @@ class GaussNewtonModule(PretrainModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         outer = torch.optim.SGD([{"params": params, "name": "alpha"}], lr=1.0)  # lr = the chosen α, per step
         inner = build_inner_optimizer(self.model, self.cfg.optim)
-        scheduler = build_scheduler(inner, self.total_steps, self.cfg.optim.warmup_fraction,
-                                    self.cfg.optim.min_lr_ratio)
+        scheduler = build_scheduler(inner, self.total_steps, self.cfg.optim)
         return [outer, inner], [{"scheduler": scheduler, "interval": "step"}]
 
     def solve_groups(self) -> list[list[str]]:

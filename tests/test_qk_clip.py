@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -117,6 +118,19 @@ def test_a_hot_head_is_clipped_to_tau_and_the_others_are_untouched(variant):
         torch.testing.assert_close(after[others], before[others], rtol=1e-4, atol=1e-6)
 
 
+def test_a_norm_gain_shared_by_the_heads_is_refused():
+    from torch import nn
+
+    from pc_lightning.callbacks.qk_clip import norm_affine
+
+    attn = nn.Module()
+    attn.n_heads, attn.head_dim, attn.q_norm = 4, 8, nn.LayerNorm(8)  # a per-head norm with one gain for all heads
+    with pytest.raises(ValueError, match="gain per channel"):
+        norm_affine(attn, "q")
+    attn.q_norm = nn.LayerNorm(32)
+    assert len(norm_affine(attn, "q")) == 2 and norm_affine(attn, "k") is None
+
+
 def test_naive_raw_row_scaling_neither_clips_a_pc_head_nor_leaves_the_others_alone():
     """Why PC q/k layers are re-factored: scaling the raw rows of a head by sqrt(1/2) (level 4, fresh init) lowers
     its max logit to about 0.74 of before instead of 0.5, and moves the other heads' logits by several percent."""
@@ -222,7 +236,7 @@ def test_training_with_qk_clip_logs_and_bounds_the_logits(tiny_cfg, variant):
     assert max(after.values) <= TAU * 1.25
 
 
-class LogitsAfterClip(QKClip.__mro__[1]):
+class LogitsAfterClip(L.Callback):
     """After each step (and its clip), the max logit of the step's last batch under the new weights."""
 
     def __init__(self):

@@ -58,23 +58,30 @@ def clip_factors(max_logits: torch.Tensor, tau: float) -> torch.Tensor:
     return torch.where(max_logits > tau, tau / max_logits, torch.ones_like(max_logits))
 
 
+def norm_affine(attn: nn.Module, which: str) -> list[torch.Tensor] | None:
+    """The gain and bias of the ``which`` (q or k) norm of an attention module, None without a norm; ValueError when
+    they are not per channel over all heads (a gain shared by the heads cannot be clipped per head)."""
+    norm = getattr(attn, f"{which}_norm", None)
+    if norm is None:
+        return None
+    params = [p for p in (getattr(norm, "weight", None), getattr(norm, "bias", None)) if p is not None]
+    if not params or any(p.numel() != attn.n_heads * attn.head_dim for p in params):
+        raise ValueError(f"QK-clip scales each head's share of the {which}-norm's gain, which needs a gain per "
+                         f"channel over all heads; this {which}-norm has {[p.numel() for p in params]} entries")
+    return params
+
+
 @torch.no_grad()
 def scale_head(attn: nn.Module, factors: torch.Tensor) -> None:
     """Scale the logits of every head h of one attention module by ``factors[h]`` (γ_h^α on q, γ_h^(1−α) on k)."""
-    heads, head_dim = attn.n_heads, attn.head_dim
     for which, power in (("q", ALPHA), ("k", 1.0 - ALPHA)):
-        rows = factors.pow(power).repeat_interleave(head_dim)
-        norm = getattr(attn, f"{which}_norm", None)
-        if norm is not None:  # the projection's scale is normalised away: scale the norm's affine output
-            for param in (norm.weight, norm.bias):
-                if param is None:
-                    continue
-                if param.numel() != heads * head_dim:
-                    raise ValueError(f"QK-clip needs a per-channel {which}-norm gain over all heads; this one has "
-                                     f"{param.numel()} entries (a gain shared by the heads cannot be clipped per head)")
+        rows = factors.pow(power).repeat_interleave(attn.head_dim)
+        affine = norm_affine(attn, which)
+        if affine is not None:  # the projection's scale is normalised away: scale the norm's affine output
+            for param in affine:
                 param.mul_(rows.to(param.dtype).view_as(param))
-            continue
-        scale_rows(getattr(attn, which), rows)
+        else:
+            scale_rows(getattr(attn, which), rows)
 
 
 class QKClip(L.Callback):
@@ -93,6 +100,8 @@ class QKClip(L.Callback):
         if self._handles:
             return
         self._attention = [block.attn for block in pl_module.model.blocks]
+        for attn in self._attention:  # a norm that cannot be clipped per head stops the run here, not mid-training
+            norm_affine(attn, "q"), norm_affine(attn, "k")
         self._exact = any(not isinstance(getattr(a, w), DenseLinear) and getattr(a, f"{w}_norm", None) is None
                           for a in self._attention for w in ("q", "k"))
         for i, attn in enumerate(self._attention):

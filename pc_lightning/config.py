@@ -5,7 +5,9 @@ An experiment is one YAML file under ``conf/``. It may list ``defaults:`` (prese
 ``baseline``), then its own keys, then the command line's ``key.path=value`` overrides. The merged mapping is
 turned into the dataclasses below by :func:`build` with strict checks: an unknown key, a wrong type or an
 impossible combination raises :class:`ConfigError` with one message that names the key, before any data is
-prepared or any training starts.
+prepared or any training starts. Keys whose default depends on another section (``model.pc.level: null`` = the
+PC reference's level for the optimizer) are filled in by :func:`resolve` in between, so the resolved config holds
+the number.
 
 Each section (:class:`Section`) checks its own values in ``check()``, with keys relative to the section;
 rules that span sections (a sequence length against the RoPE table, what FSDP or Gauss-Newton refuse) live in
@@ -20,6 +22,7 @@ MLflow records and what ``pcl train --config resolved.yaml`` re-runs.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import types
 import typing
@@ -77,7 +80,9 @@ LAYER_GROUPS = ("ffn", "attn_out", "qk", "v")  # what model.pc.targets / model.t
 class PCConfig(Section):
     """Polynomial preconditioning of block weights (docs/pc.md)."""
 
-    level: int = 4  # 0 = identity, 1..4 = odd polynomial of degree 3, 5, 7, 9
+    # 0 = identity, 1..4 = odd polynomial of degree 3, 5, 7, 9; None = the PC reference's level for the optimizer
+    # (reference_pc_level: 4 with AdamW, 2 with Muon), filled in when the config is loaded (resolve)
+    level: Optional[int] = None
     normalizer: Literal["spectral", "none"] = "spectral"
     power_iters: int = 10  # streaming power-iteration steps per optimizer step
     recover_w_norm: bool = True  # multiply back the (detached) spectral-norm estimate
@@ -93,7 +98,7 @@ class PCConfig(Section):
     evaluate: Literal["auto", "step", "forward"] = "auto"
 
     def check(self) -> None:
-        require(0 <= self.level <= 4, "level", f"must be in 0..4, got {self.level}")
+        require(self.level is None or 0 <= self.level <= 4, "level", f"must be in 0..4 (or null), got {self.level}")
         require(self.power_iters >= 1, "power_iters", "must be >= 1")
         _positive(self, "eps")
         require(self.learnable_gamma or self.gamma_init > 0, "gamma_init",
@@ -160,12 +165,20 @@ class ModelConfig(Section):
     tsvd: TSVDConfig = field(default_factory=TSVDConfig)
     # stability variants (docs/stability.md)
     attn_norm: Literal["none", "qk_norm", "qkv_norm"] = "none"
+    # what attn_norm's LayerNorms normalise over: head = each head's head_dim values with one LayerNorm(head_dim)
+    # shared by the heads (Dehghani et al. 2023, Megatron-core, Qwen3; the Rybakov presets), full = the whole
+    # width d (OLMo 2). The default stays full so that configs and checkpoints written before this key keep
+    # their model.
+    qk_norm_scope: Literal["head", "full"] = "full"
     post_proj_norm: bool = False
     post_fc2_norm: bool = False
     attn_softcap: float = 0.0  # 0 = off; cap * tanh(s / cap) on attention scores
     logit_softcap: float = 0.0  # 0 = off; cap * tanh(z / cap) on the output logits
     z_loss: float = 0.0  # PaLM z-loss coefficient (e.g. 1e-4): adds z_loss * mean(logsumexp(logits)^2)
-    init: Literal["normal", "small"] = "normal"
+    # normal: N(0, init_std²), out-projections /√(2 n_layers); small: Spike No More; torchtitan: the PC
+    # reference's Llama init (per-layer depth scaling, N(0, 1) embedding, truncated d^-½ head; see
+    # block_init_stds in model/llama.py)
+    init: Literal["normal", "small", "torchtitan"] = "normal"
     embed: Literal["plain", "scaled", "layernorm"] = "plain"
     # QK-clip (MuonClip, Kimi K2): tau; after each optimizer step the q/k weights of every head whose max
     # attention logit exceeded tau are rescaled so that it would be tau (docs/monitoring.md). 0 = off
@@ -249,13 +262,30 @@ class SoapConfig(Section):
 @dataclass
 class GaussNewtonConfig(Section):
     """Full and layer-wise Gauss-Newton (gn, gn_layerwise; docs/optimizers.md). trainer.max_steps counts outer
-    steps; each takes inner_steps + 1 batches."""
+    steps; each takes inner_steps + line_search_batches batches."""
 
     inner_optimizer: Literal["adamw", "muon"] = "adamw"
-    inner_steps: int = 8
+    inner_steps: int = 4  # conf/optim/gn.yaml's value, the one results/bench/optimizers.md measured
     inner_lr: float = 3e-3
     damping: float = 0.0
     line_search: list[float] = field(default_factory=lambda: [1.0, 2**-0.5, 0.5, 2**-1.5, 0.25])
+    # global_cosine: optim's warmup + cosine over outer steps scales the inner lr (constant within an outer step);
+    # per_outer_cosine: inner lr · ½(1 + cos(πk/inner_steps)) at inner step k, restarting every outer step,
+    # after a linear warmup over optim.warmup_fraction of the outer steps (constant afterwards)
+    inner_schedule: Literal["global_cosine", "per_outer_cosine"] = "global_cosine"
+    inner_grad_clip: float = 0.0  # max global norm of each inner step's gradient ∇M (0 = off)
+    inner_betas: Optional[list[float]] = None  # the inner AdamW's betas (None = optim.betas)
+    inner_weight_decay: Optional[float] = None  # the inner optimizer's weight decay (None = optim.weight_decay)
+    inner_muon_weight_decay: Optional[float] = None  # its Muon part's (None = inner_weight_decay)
+    # keep the inner iterate θ̂ and the inner optimizer state from one outer step to the next (else restart both
+    # at θ_t with fresh state)
+    carry_inner_state: bool = False
+    line_search_batches: int = 1  # fresh batches the line-search loss is averaged over
+    ema_decay: float = 0.0  # EMA of the outer parameters, validated and checkpointed (0 = off)
+    # gn_layerwise solve groups: blocks_plus_rest = each block + one group of everything else; reference = the
+    # embedding, each block and the LM head apart (anything else, i.e. the final norm, one more group)
+    layer_groups: Literal["blocks_plus_rest", "reference"] = "blocks_plus_rest"
+    freeze_final_norm: bool = False  # the final norm's weight is not trained
 
     def check(self) -> None:
         _positive(self, "inner_lr")
@@ -263,6 +293,14 @@ class GaussNewtonConfig(Section):
         require(self.damping >= 0, "damping", "must be >= 0")
         require(len(self.line_search) > 0 and all(a > 0 for a in self.line_search), "line_search",
                 "need positive step sizes")
+        require(self.inner_grad_clip >= 0, "inner_grad_clip", "must be >= 0 (0 = off)")
+        require(self.inner_betas is None or (len(self.inner_betas) == 2 and all(0 <= b < 1 for b in self.inner_betas)),
+                "inner_betas", "need two numbers in [0, 1), or null for optim.betas")
+        for name in ("inner_weight_decay", "inner_muon_weight_decay"):
+            value = getattr(self, name)
+            require(value is None or value >= 0, name, "must be >= 0, or null")
+        require(self.line_search_batches >= 1, "line_search_batches", "must be >= 1")
+        require(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1) (0 = off)")
 
 
 @dataclass
@@ -289,6 +327,7 @@ class OptimConfig(Section):
     lr: float = 3e-3
     weight_decay: float = 0.1  # on matrices (ndim >= 2); norm weights, gains and scalars get none
     decay_pc_gamma: bool = True  # also decay the PC gains gamma, as the PC reference does (it decays everything)
+    decay_all: bool = False  # decay every parameter (norms, gains, embedding, head too), as the PC reference does
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     warmup_fraction: float = 0.05
@@ -320,10 +359,17 @@ class OptimConfig(Section):
         require(0 <= self.warmup_fraction < 1, "warmup_fraction", "must be in [0, 1)")
         require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
         require(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 = off)")
+        require(self.decay_pc_gamma or not self.decay_all, "decay_pc_gamma",
+                "false contradicts decay_all=true, which decays the PC gains too")
+        require(self.gn.layer_groups == "blocks_plus_rest" or self.name == "gn_layerwise", "gn.layer_groups",
+                f"only gn_layerwise has solve groups (optim.name is {self.name})")
         if self.schedule == "wsd":
             require(self.warmup_fraction + self.wsd.decay_fraction <= 1, "wsd.decay_fraction",
                     f"warmup_fraction ({self.warmup_fraction}) + decay_fraction ({self.wsd.decay_fraction}) "
                     "must be <= 1: the decay cannot start before the warmup ends")
+            require(not (self.gauss_newton and self.gn.inner_schedule == "per_outer_cosine"), "schedule",
+                    "wsd does not apply with optim.gn.inner_schedule=per_outer_cosine (a cosine inside every outer "
+                    "step, constant over outer steps); use gn.inner_schedule=global_cosine for WSD over outer steps")
 
 
 @dataclass
@@ -342,6 +388,9 @@ class TrainerConfig(Section):
     log_every: int = 10
     checkpoint_every: int = 100  # optimizer steps between checkpoints (last.ckpt)
     checkpoint_dir: str = "results/checkpoints"
+    # start from this checkpoint's weights with a fresh optimizer, schedule, step 0 and a new MLflow run
+    # (pc_lightning/init_from.py); the checkpoint's model config must match the run's. --resume wins over it.
+    init_from: Optional[str] = None
     seed: int = 1337
     deterministic: bool = False
     num_threads: Optional[int] = None  # torch CPU threads (None = torch default)
@@ -396,10 +445,25 @@ class MonitorConfig(Section):
     spectrum: bool = False
     spike: SpikeConfig = field(default_factory=SpikeConfig)
     divergence_margin: float = 2.0  # diverged if loss > initial loss + margin (nats), or non-finite
+    # downstream evaluation with lm-evaluation-harness (pip install -e '.[eval]'); off while eval_tasks is empty
+    eval_tasks: list[str] = field(default_factory=list)  # harness task/group names, or tasks under eval_include_path
+    eval_every: int = 500  # optimizer steps between evaluations (and once at the end of training)
+    eval_limit: Optional[int] = None  # examples per task (None = all)
+    eval_include_path: Optional[str] = None  # a directory of local task YAMLs
 
     def check(self) -> None:
         require(self.every >= 1, "every", "must be >= 1")
         _positive(self, "divergence_margin")
+        require(all(name.strip() for name in self.eval_tasks), "eval_tasks", "task names must not be empty")
+        require(len(set(self.eval_tasks)) == len(self.eval_tasks), "eval_tasks", "a task is named twice")
+        require(self.eval_every >= 1, "eval_every", "must be >= 1")
+        require(self.eval_limit is None or self.eval_limit >= 1, "eval_limit", "must be >= 1 (or null = all)")
+        if self.eval_include_path is not None:
+            require(Path(self.eval_include_path).exists(), "eval_include_path",
+                    f"task directory not found: {self.eval_include_path}")
+        if self.eval_tasks:
+            require(importlib.util.find_spec("lm_eval") is not None, "eval_tasks",
+                    "needs lm-evaluation-harness: pip install -e '.[eval]'")
 
 
 @dataclass
@@ -446,6 +510,9 @@ class ExperimentConfig(Section):
                     "per-group update norms would be norms of each rank's FSDP shard; turn it off or use ddp")
             require(not m.qk_clip, "model.qk_clip",
                     "QK-clip rescales rows of whole q/k matrices, which FSDP holds as flat shards; use ddp")
+            require(not self.monitor.eval_tasks, "monitor.eval_tasks",
+                    "in-loop evaluation runs rank 0's model alone, which FSDP shards; evaluate the checkpoints with "
+                    "`pcl eval` instead, or use ddp")
         if o.gauss_newton:
             require(t.accumulate_grad_batches == 1, "trainer.accumulate_grad_batches",
                     "Gauss-Newton uses manual optimisation; leave accumulate_grad_batches at 1")
@@ -725,8 +792,30 @@ def parse(data: dict) -> ExperimentConfig:
 
 def from_dict(data: dict) -> ExperimentConfig:
     cfg = parse(data)
+    resolve(cfg)
     validate(cfg)
     return cfg
+
+
+# The PC reference's polynomial level per optimizer (Wang et al., arXiv 2606.06470; its released configs: AdamW
+# runs at level 4, Muon runs at level 2). SOAP has no reference run: it is Adam in a rotated basis and, unlike
+# Muon, does not flatten the update's spectrum, so it gets AdamW's level.
+REFERENCE_PC_LEVEL = {"adamw": 4, "soap": 4, "muon": 2}
+
+
+def reference_pc_level(optim: OptimConfig) -> int:
+    """The PC level the reference pairs with the optimizer that updates the weights: ``optim.name``, or for
+    Gauss-Newton its inner optimizer (``optim.gn.inner_optimizer``), which takes every weight step."""
+    updater = optim.gn.inner_optimizer if optim.gauss_newton else optim.name
+    return REFERENCE_PC_LEVEL[updater]
+
+
+def resolve(cfg: ExperimentConfig) -> None:
+    """Fill in the keys whose default depends on other sections, so the resolved config (what MLflow records and
+    ``pcl train --config resolved.yaml`` re-runs) holds the numbers: ``model.pc.level`` = null becomes
+    :func:`reference_pc_level`; a level set explicitly is kept."""
+    if cfg.model.pc.level is None:
+        cfg.model.pc.level = reference_pc_level(cfg.optim)
 
 
 def sections(obj: Any, prefix: str = "") -> Iterator[tuple[str, Section]]:
@@ -752,9 +841,10 @@ def validate(cfg: ExperimentConfig) -> None:
 
 
 def batches_per_step(cfg: ExperimentConfig) -> int:
-    """Batches (per rank) one optimizer step consumes: a Gauss-Newton outer step takes inner_steps + 1."""
+    """Batches (per rank) one optimizer step consumes: a Gauss-Newton outer step takes inner_steps +
+    line_search_batches."""
     if cfg.optim.gauss_newton:
-        return cfg.optim.gn.inner_steps + 1
+        return cfg.optim.gn.inner_steps + cfg.optim.gn.line_search_batches
     return cfg.trainer.accumulate_grad_batches
 
 

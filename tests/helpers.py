@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import lightning as L
@@ -45,6 +47,20 @@ def assert_same_training_state(a: dict, b: dict) -> None:
     assert a["global_step"] == b["global_step"]
     assert_identical(a["state_dict"], b["state_dict"], "state_dict")
     assert_identical(a["optimizer_states"], b["optimizer_states"], "optimizer_states")
+
+
+class SignalAt(L.Callback):
+    """Sends ``sig`` once, after optimizer step ``step``, from rank 0 to its whole process group: the launcher
+    and every rank, as a terminal's Ctrl-C does (SIGINT), or all killed at once (SIGKILL). Start the process in
+    a session of its own (``start_new_session=True``), or the signal reaches the test too."""
+
+    def __init__(self, step: int, sig: signal.Signals = signal.SIGINT):
+        self.step, self.sig, self.sent = step, sig, False
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if not self.sent and trainer.global_step >= self.step and trainer.global_rank == 0:
+            self.sent = True
+            os.killpg(0, self.sig)
 
 
 def write_sweep_spec(path: Path, **fields) -> Path:

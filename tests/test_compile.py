@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from pc_lightning.callbacks.pc_step import PCStep
-from pc_lightning.config import ModelConfig
+from pc_lightning.config import ModelConfig, PCConfig
 from pc_lightning.layers import iter_layers
 from pc_lightning.layers.pc_linear import PCLinear
 from pc_lightning.layers.tsvd_linear import refresh_all
@@ -56,7 +56,7 @@ def run_steps(model: Llama, cfg: ModelConfig, forward, bf16: bool, steps: int = 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("linear", ["dense", "pc", "tsvd"])
 def test_compiled_training_traces_once_and_matches_eager(linear, bf16):
-    cfg = ModelConfig(**SHAPE, linear=linear)
+    cfg = ModelConfig(**SHAPE, linear=linear, pc=PCConfig(level=4))
     torch.manual_seed(0)
     eager = Llama(cfg)
     compiled = copy.deepcopy(eager)

@@ -9,7 +9,8 @@ import os
 import pytest
 import torch
 
-from pc_lightning.config import ConfigError, ModelConfig, MuonConfig, OptimConfig, batches_per_step, steps_for_budget
+from pc_lightning.config import (ConfigError, ModelConfig, MuonConfig, OptimConfig, PCConfig, batches_per_step,
+                                 steps_for_budget)
 from pc_lightning.model import Llama
 from pc_lightning.optim.combined import CombinedOptimizer
 from pc_lightning.optim.factory import build_optimizer
@@ -20,7 +21,7 @@ from helpers import StopAt
 
 def tiny_model(**overrides) -> Llama:
     torch.manual_seed(0)
-    cfg = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=16)
+    cfg = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=16, pc=PCConfig(level=4))
     cfg.update(overrides)
     return Llama(ModelConfig(**cfg))
 
@@ -187,3 +188,30 @@ def test_pc_gains_are_weight_decayed_as_configured(name, decay_gamma):
     decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     assert (gammas <= decayed) is decay_gamma
     assert not decayed & {id(p) for n, p in model.named_parameters() if "norm" in n}
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon", "soap"])
+@pytest.mark.parametrize("linear", ["dense", "pc", "tsvd"])
+def test_decay_all_decays_every_parameter(name, linear):
+    """optim.decay_all: every parameter (norm gains and biases, PC γ, TSVD s, embedding, head) sits in a group
+    with weight decay 0.1, as in the PC reference (AdamW over model.parameters(), and its Muon's AdamW part);
+    without it, norms get none."""
+    model = tiny_model(linear=linear, attn_norm="qk_norm", qk_norm_scope="head")  # LayerNorm biases too
+    params = dict(model.named_parameters())
+    for decay_all in (True, False):
+        opt = build_optimizer(model, OptimConfig(name=name, weight_decay=0.1, decay_all=decay_all))
+        groups = [g for part in getattr(opt, "optimizers", [opt]) for g in part.param_groups]
+        decayed = {id(p) for g in groups if g["weight_decay"] == pytest.approx(0.1) for p in g["params"]}
+        grouped = [id(p) for g in groups for p in g["params"]]
+        assert sorted(grouped) == sorted(id(p) for p in params.values())  # each parameter in exactly one group
+        missing = [n for n, p in params.items() if id(p) not in decayed]
+        if decay_all:
+            assert not missing, missing
+        else:
+            assert missing and all(params[n].ndim < 2 for n in missing)
+
+
+def test_decay_all_refuses_a_contradicting_gamma_switch(tiny_cfg):
+    with pytest.raises(ConfigError) as err:
+        tiny_cfg(**{"optim.decay_all": True, "optim.decay_pc_gamma": False})
+    assert err.value.key == "optim.decay_pc_gamma"

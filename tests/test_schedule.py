@@ -87,6 +87,13 @@ def test_wsd_refuses_a_decay_that_starts_inside_the_warmup(tiny_cfg):
     tiny_cfg(**{"optim.schedule": "cosine", "optim.warmup_fraction": 0.5, "optim.wsd.decay_fraction": 0.6})
 
 
+def test_gauss_newton_takes_wsd_over_outer_steps_but_not_with_a_per_outer_cosine(tiny_cfg):
+    tiny_cfg(**{"optim.name": "gn", "optim.schedule": "wsd"})
+    with pytest.raises(ConfigError, match="optim.schedule.*per_outer_cosine"):
+        tiny_cfg(**{"optim.name": "gn", "optim.schedule": "wsd", "optim.gn.inner_schedule": "per_outer_cosine"})
+    tiny_cfg(**{"optim.name": "gn", "optim.schedule": "constant", "optim.gn.inner_schedule": "per_outer_cosine"})
+
+
 class LearningRates(L.Callback):
     """The learning rate of every parameter group used by each optimizer step."""
 

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import signal
+import subprocess
+import sys
+import tempfile
+import time
 
 import lightning as L
 import pytest
@@ -14,7 +19,8 @@ from mlflow.tracking import MlflowClient
 from pc_lightning import tracking
 from pc_lightning.config import load_config
 from pc_lightning.train import train
-from helpers import StopAt, assert_same_training_state
+from conftest import tiny_overrides
+from helpers import ROOT, StopAt, assert_same_training_state
 
 
 def client() -> MlflowClient:
@@ -173,6 +179,38 @@ def test_stop_between_run_creation_and_training_closes_the_run(tiny_cfg, monkeyp
     runs = client().search_runs([client().get_experiment_by_name("pc-lightning").experiment_id],
                                 filter_string=f"tags.`pcl.name` = 'early-{tag}'")
     assert len(runs) == 1 and runs[0].info.status == status and runs[0].data.tags["status"] == tag
+
+
+def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tiny_cfg, data_cache, results_dir, tmp_path):
+    """SIGKILL half-way through the write of the step-6 ``last.ckpt`` (tests/checkpoint_worker.py): the step-3
+    ``last.ckpt`` stays whole, and ``--resume last`` continues the same MLflow run from it. The system temp
+    directory is put on another filesystem (/dev/shm), as on machines with /tmp on tmpfs: Lightning's own
+    writer then copies its temp file onto ``last.ckpt`` in place."""
+    steps = {"trainer.max_steps": 9, "trainer.val_every": 3, "trainer.checkpoint_every": 3}
+    ready = tmp_path / "stalled"
+    elsewhere = tempfile.mkdtemp(dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    env = {**os.environ, "PCL_RESULTS_DIR": str(results_dir), "TMPDIR": elsewhere}
+    cmd = [sys.executable, str(ROOT / "tests" / "checkpoint_worker.py"), "--stall-at", "2", "--ready", str(ready),
+           "--", "--config", str(ROOT / "conf" / "baseline.yaml"),
+           *tiny_overrides(data_cache, results_dir, name="killed", **steps)]
+    with open(tmp_path / "train.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ready.exists(), f"no second checkpoint: {(tmp_path / 'train.log').read_text()[-3000:]}"
+    finally:
+        proc.kill()  # SIGKILL, half-way through the write
+        proc.wait()
+        shutil.rmtree(elsewhere, ignore_errors=True)
+
+    (path,) = glob.glob(str(results_dir / "checkpoints" / "killed" / "*" / "last.ckpt"))
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 3
+    resumed = train(tiny_cfg(name="killed", **steps), resume="last", quiet=True)
+    assert resumed.status == "finished" and resumed.step == 9 and resumed.run_id == checkpoint["mlflow_run_id"]
+    assert client().get_run(resumed.run_id).info.status == "FINISHED"
 
 
 # bf16-mixed is what GPU runs use by default (trainer.precision: auto); Lightning runs it on CPU too, so every

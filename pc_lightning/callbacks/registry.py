@@ -71,4 +71,9 @@ def configured_callbacks(cfg: ExperimentConfig, module: L.LightningModule) -> li
         from pc_lightning.callbacks.spike_detection import SpikeDetection
 
         callbacks.append(SpikeDetection(mon.spike))
+    # --- downstream evaluation (lm-evaluation-harness); after the monitors, whose hooks must not see its forwards ---
+    if mon.eval_tasks:
+        from pc_lightning.callbacks.downstream_eval import DownstreamEval
+
+        callbacks.append(DownstreamEval(mon, cfg.data))
     return callbacks

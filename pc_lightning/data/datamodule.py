@@ -12,7 +12,8 @@
   however far the loader had prefetched. Each rank takes every ``world_size``-th index (we do the sharding
   ourselves; Lightning's DistributedSampler is turned off in the Trainer).
 * Validation: a fixed set of ``val_batches * batch_size`` windows spread evenly over ``val.bin``, so val loss
-  is comparable across runs and variants.
+  is comparable across runs and variants. Each window comes with the number of UTF-8 bytes of text its target
+  tokens stand for (counted once, from the tokenizer's per-token byte lengths), the denominator of bits per byte.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from typing import Iterator
 import lightning as L
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pc_lightning.config import DataConfig
 from pc_lightning.data.prepare import PreparedData, prepare
+from pc_lightning.data.tokenizer import token_byte_lengths
 
 
 class RandomWindows(Dataset):
@@ -45,17 +48,33 @@ class RandomWindows(Dataset):
 
 
 class FixedWindows(Dataset):
-    def __init__(self, tokens: np.ndarray, seq_len: int, count: int):
+    """``count`` windows of ``seq_len + 1`` tokens spread evenly over ``tokens``.
+
+    With ``token_bytes`` (bytes of text per token id, :func:`~pc_lightning.data.tokenizer.token_byte_lengths`)
+    an item is ``(window, target_bytes)``: the bytes of the window's targets ``window[1:]``, counted once here.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, count: int, token_bytes: np.ndarray | None = None):
         self.tokens, self.seq_len = tokens, seq_len
         high = len(tokens) - (seq_len + 1)
         self.starts = np.linspace(0, high, num=count).astype(np.int64)
+        self.target_bytes = None
+        if token_bytes is not None:
+            self.target_bytes = np.array([int(token_bytes[self.window(i)[1:]].sum()) for i in range(count)],
+                                         dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.starts)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def window(self, index: int) -> np.ndarray:
         s = int(self.starts[index])
-        return torch.from_numpy(self.tokens[s : s + self.seq_len + 1].astype(np.int64))
+        return self.tokens[s : s + self.seq_len + 1].astype(np.int64)
+
+    def __getitem__(self, index: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        window = torch.from_numpy(self.window(index))
+        if self.target_bytes is None:
+            return window
+        return window, torch.tensor(self.target_bytes[index])
 
 
 class TrainingStream(Sampler[int]):
@@ -91,6 +110,7 @@ class PretrainDataModule(L.LightningDataModule):
         self.prepared: PreparedData | None = None
         self.skips: list[list[int]] = []  # [slot, samples] per rollback (PaLM's data skip); saved in checkpoints
         self._stream: TrainingStream | None = None
+        self._token_bytes: np.ndarray | None = None
 
     @property
     def skipped_samples(self) -> int:
@@ -141,8 +161,15 @@ class PretrainDataModule(L.LightningDataModule):
         return DataLoader(ds, batch_size=self.train_batch_size, sampler=self._stream,
                           num_workers=self.cfg.num_workers, persistent_workers=self.cfg.num_workers > 0)
 
+    def token_bytes(self) -> np.ndarray:
+        """Bytes of text per token id of the prepared tokenizer (computed once)."""
+        if self._token_bytes is None:
+            self._token_bytes = token_byte_lengths(Tokenizer.from_file(str(self.prepared.tokenizer_path)))
+        return self._token_bytes
+
     def val_dataloader(self) -> DataLoader:
-        ds = FixedWindows(self.prepared.tokens("val"), self.cfg.seq_len, self.cfg.val_batches * self.cfg.batch_size)
+        ds = FixedWindows(self.prepared.tokens("val"), self.cfg.seq_len, self.cfg.val_batches * self.cfg.batch_size,
+                          token_bytes=self.token_bytes())
         # fixed windows, split across ranks by Lightning's distributed sampler would change the set per
         # world size; every rank evaluates all of them instead (cheap at these sizes).
         return DataLoader(ds, batch_size=self.cfg.batch_size, shuffle=False, num_workers=self.cfg.num_workers)

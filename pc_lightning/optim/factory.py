@@ -1,8 +1,10 @@
 """Build the optimizer named by ``optim.name`` for a model (DESIGN.md section 5).
 
 * ``adamw``: ``torch.optim.AdamW``. Parameter groups: weight decay on matrices (``ndim >= 2``) and, with
-  ``decay_pc_gamma`` (default, as in the PC reference, which decays every parameter), on the PC layers'
-  gains γ; norms, other gains and scalars get none.
+  ``decay_pc_gamma`` (default), on the PC layers' gains γ; norms, other gains and scalars get none. With
+  ``decay_all`` every parameter is decayed (norm gains and biases, γ, TSVD s, embedding, head), as the PC
+  reference does (its AdamW and its Muon's AdamW part take ``model.parameters()`` with weight decay 0.1); this
+  holds for every optimizer below (:func:`also_decayed`).
 * ``muon``: ``torch.optim.Muon`` (Keller Jordan 2024: Nesterov momentum, then ``ns_steps`` Newton-Schulz
   iterations that map the update to about U Vᵀ of its SVD, then lr scaled by ``adjust_lr_fn``:
   ``original`` = sqrt(max(1, rows/cols)), ``match_rms_adamw`` = 0.2·sqrt(max(rows, cols)), which gives the
@@ -17,10 +19,13 @@
 * ``soap``: ``pytorch_optimizer.SOAP`` (Vyas et al. 2024, arXiv 2409.11321), see :func:`soap`.
 * ``gn`` / ``gn_layerwise``: the outer step belongs to
   :class:`~pc_lightning.modules.gauss_newton.GaussNewtonModule`; :func:`build_inner_optimizer` builds the
-  inner optimizer (``gn.inner_optimizer`` = adamw | muon, every group at ``gn.inner_lr``).
+  inner optimizer (``gn.inner_optimizer`` = adamw | muon, every group at ``gn.inner_lr``; betas and weight decay
+  from ``gn.inner_betas`` / ``gn.inner_weight_decay`` / ``gn.inner_muon_weight_decay`` where set).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytorch_optimizer
 import torch
@@ -38,6 +43,14 @@ def pc_gain_names(model: nn.Module) -> frozenset[str]:
 
     return frozenset(f"{name}.gamma" for name, m in model.named_modules()
                      if isinstance(m, PCLinear) and isinstance(m.gamma, nn.Parameter))
+
+
+def also_decayed(model: nn.Module, cfg: OptimConfig) -> frozenset[str]:
+    """Names of the parameters below 2-D that get weight decay too: all of them with ``decay_all``, else the PC
+    gains with ``decay_pc_gamma``."""
+    if cfg.decay_all:
+        return frozenset(name for name, _ in model.named_parameters())
+    return pc_gain_names(model) if cfg.decay_pc_gamma else frozenset()
 
 
 def decay_groups(params: NamedParams, weight_decay: float, lr: float,
@@ -63,16 +76,19 @@ def is_hidden_matrix(name: str, param: nn.Parameter) -> bool:
     return param.ndim == 2 and name.startswith("blocks.")
 
 
-def muon(params: NamedParams, cfg: OptimConfig, lr: float | None = None,
-         adamw_lr: float | None = None, also_decay: frozenset[str] = frozenset()) -> CombinedOptimizer:
+def muon(params: NamedParams, cfg: OptimConfig, lr: float | None = None, adamw_lr: float | None = None,
+         also_decay: frozenset[str] = frozenset(), muon_weight_decay: float | None = None) -> CombinedOptimizer:
+    """Muon on the hidden matrices (weight decay ``muon_weight_decay``, default ``cfg.weight_decay``), AdamW on
+    the rest."""
     lr = cfg.lr if lr is None else lr
     adamw_lr = cfg.muon.adamw_lr if adamw_lr is None else adamw_lr
+    muon_weight_decay = cfg.weight_decay if muon_weight_decay is None else muon_weight_decay
     hidden = [(n, p) for n, p in params if is_hidden_matrix(n, p)]
     rest = [(n, p) for n, p in params if not is_hidden_matrix(n, p)]
     parts: list[torch.optim.Optimizer] = []
     if hidden:
         parts.append(torch.optim.Muon(
-            [{"params": [p for _, p in hidden], "name": "muon"}], lr=lr, weight_decay=cfg.weight_decay,
+            [{"params": [p for _, p in hidden], "name": "muon"}], lr=lr, weight_decay=muon_weight_decay,
             momentum=cfg.muon.momentum, nesterov=cfg.muon.nesterov, ns_steps=cfg.muon.ns_steps,
             adjust_lr_fn=cfg.muon.adjust_lr_fn,
         ))
@@ -105,17 +121,23 @@ def soap(params: NamedParams, cfg: OptimConfig, also_decay: frozenset[str] = fro
 
 
 def build_inner_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The Gauss-Newton inner optimizer over all trainable parameters; every group at ``gn.inner_lr``."""
+    """The Gauss-Newton inner optimizer over all trainable parameters; every group at ``gn.inner_lr``, with
+    ``gn.inner_betas`` / ``gn.inner_weight_decay`` / ``gn.inner_muon_weight_decay`` where set (else optim's)."""
+    gn = cfg.gn
+    betas = cfg.betas if gn.inner_betas is None else gn.inner_betas
+    weight_decay = cfg.weight_decay if gn.inner_weight_decay is None else gn.inner_weight_decay
+    inner = dataclasses.replace(cfg, betas=betas, weight_decay=weight_decay)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    also_decay = pc_gain_names(model) if cfg.decay_pc_gamma else frozenset()
-    if cfg.gn.inner_optimizer == "muon":
-        return muon(params, cfg, lr=cfg.gn.inner_lr, adamw_lr=cfg.gn.inner_lr, also_decay=also_decay)
-    return adamw(params, cfg, lr=cfg.gn.inner_lr, also_decay=also_decay)
+    also_decay = also_decayed(model, cfg)
+    if gn.inner_optimizer == "muon":
+        return muon(params, inner, lr=gn.inner_lr, adamw_lr=gn.inner_lr, also_decay=also_decay,
+                    muon_weight_decay=gn.inner_muon_weight_decay)
+    return adamw(params, inner, lr=gn.inner_lr, also_decay=also_decay)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    also_decay = pc_gain_names(model) if cfg.decay_pc_gamma else frozenset()
+    also_decay = also_decayed(model, cfg)
     if cfg.name == "adamw":
         return adamw(params, cfg, also_decay=also_decay)
     if cfg.name == "muon":

@@ -15,6 +15,9 @@ step t, so the last warmup step is at the peak); N = the run's total optimizer s
 shape (a function of the config, the total steps and the step) and the peak LRs come from the run's config, so
 ``--resume`` with another ``optim.schedule``, ``optim.wsd.*`` or ``trainer.max_steps`` continues on the new curve
 from the resumed step (how a cooldown is branched from a stable-phase checkpoint).
+
+Also the cosine within one Gauss-Newton outer step (``optim.gn.inner_schedule: per_outer_cosine``), whose outer
+multiplier is the ``constant`` shape.
 """
 
 from __future__ import annotations
@@ -42,6 +45,13 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: 
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def inner_cosine(k: int, inner_steps: int) -> float:
+    """½(1 + cos(π k / K)) at inner step k = 0..K−1 of an outer step: 1 at the first inner step, decaying towards
+    0, which it reaches at k = K, i.e. just after the last inner step (as optax's cosine decay over K steps that the
+    Gauss-Newton reference joins once per outer step)."""
+    return 0.5 * (1.0 + math.cos(math.pi * k / inner_steps))
 
 
 def warmup_stable_decay(step: int, total_steps: int, warmup_steps: int, decay_start: int, min_lr_ratio: float,

@@ -18,8 +18,9 @@ seed, command-line overrides.
 Every combination is one :func:`pc_lightning.train.train` run nested under one MLflow parent run per
 ablation, tagged with its key ``variant|optimizer|lr|seed``. Re-running the command skips combinations
 that already have a finished or diverged run under that parent and retries failed or killed ones. A
-combination that fails (e.g. a variant whose code is not there yet) is recorded as a failed run and the
-grid goes on. At the end ``results/<name>/`` (summary.md, runs.csv, PNG plots) is rendered from MLflow by
+combination that fails (e.g. a variant whose code is not there yet) ends as a failed run carrying the error
+(its run is created before anything else, :func:`pc_lightning.train.open_run`) and the grid goes on. At the
+end ``results/<name>/`` (summary.md, runs.csv, PNG plots) is rendered from MLflow by
 :mod:`pc_lightning.sweep.report` -- the same code ``pcl report`` uses -- and attached to the parent run.
 """
 
@@ -37,6 +38,7 @@ from pc_lightning import tracking
 from pc_lightning.config import ConfigError, ExperimentConfig, build
 from pc_lightning.sweep import runs
 from pc_lightning.sweep.space import compose_config, resolve_relative
+from pc_lightning.tracked_run import RunStatus
 
 
 @dataclass
@@ -124,31 +126,7 @@ def run_config(spec: AblationSpec, combo: Combination, overrides: list[str], par
 
 def is_done(run) -> bool:
     """Finished and diverged runs are results; failed, killed and running ones are redone."""
-    return run.info.status == "FINISHED" or run.data.tags.get("status") == "diverged"
-
-
-def runs_of_key(mlflow_client, parent_id: str, key: str) -> list:
-    return [r for r in runs.children(mlflow_client, mlflow_client.get_run(parent_id)) if r.data.tags.get("pcl.key") == key]
-
-
-def record_failure(mlflow_client, parent_id: str, cfg: ExperimentConfig, earlier: set[str], error: Exception) -> None:
-    """Make sure a failed combination has a FAILED child run carrying the error, even if it failed before
-    Lightning created its MLflow run (e.g. a layer or optimizer that is not implemented). ``earlier``: the
-    run ids this combination had before this attempt."""
-    mine = [r for r in runs_of_key(mlflow_client, parent_id, cfg.tracking.tags["pcl.key"])
-            if r.info.run_id not in earlier]
-    if mine:
-        run_id = mine[-1].info.run_id
-        if mlflow_client.get_run(run_id).info.status == "RUNNING":
-            mlflow_client.set_terminated(run_id, "FAILED")
-    else:
-        experiment_id = tracking.get_or_create_experiment(mlflow_client, cfg.tracking.experiment,
-                                                          tracking.tracking_uri(cfg.tracking))
-        run_id = mlflow_client.create_run(experiment_id, run_name=cfg.tracking.run_name,
-                                          tags={**cfg.tracking.tags, "mlflow.parentRunId": parent_id}).info.run_id
-        mlflow_client.set_terminated(run_id, "FAILED")
-    mlflow_client.set_tag(run_id, "status", "failed")
-    mlflow_client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])
+    return RunStatus.of(run) in (RunStatus.FINISHED, RunStatus.DIVERGED)
 
 
 def run_ablation(spec_path: str, overrides: list[str] | None = None) -> int:
@@ -165,34 +143,31 @@ def run_ablation(spec_path: str, overrides: list[str] | None = None) -> int:
     base = compose_config(spec.base, list(spec.overrides) + overrides)
     uri = tracking.tracking_uri(base.tracking)
     mlflow_client = tracking.client(uri)
-    parent_id = runs.find_or_create_parent(mlflow_client, uri, base.tracking.experiment, "ablation", spec.name, {
+    parent = runs.find_or_create_parent(mlflow_client, uri, base.tracking.experiment, "ablation", spec.name, {
         "pcl.ablation": spec.name, "pcl.spec": str(Path(spec_path).resolve()),
         "pcl.variants": json.dumps(list(spec.variants)), "pcl.optimizers": json.dumps(list(spec.optimizers)),
         "pcl.reference": spec.reference_variant})
-    done = {r.data.tags.get("pcl.key") for r in runs.children(mlflow_client, mlflow_client.get_run(parent_id))
-            if is_done(r)}
-
-    todo = [c for c in grid if c.key not in done]
-    print(f"ablation '{spec.name}': {len(grid)} runs, {len(grid) - len(todo)} already done, {len(todo)} to run")
     failures = 0
-    for i, combo in enumerate(todo, 1):
-        cfg = run_config(spec, combo, overrides, parent_id)
-        earlier = {r.info.run_id for r in runs_of_key(mlflow_client, parent_id, combo.key)}
-        started = time.time()
-        try:
-            result = train(cfg, quiet=True)
-            print(f"[{i}/{len(todo)}] {combo.key}: {result.status}, val/loss="
-                  f"{result.metrics.get('val/loss', float('nan')):.4f} ({time.time() - started:.0f}s)")
-        except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (Lightning raises SIGTERMException)
-            mlflow_client.set_terminated(parent_id, "KILLED")
-            print(f"pcl: ablation '{spec.name}' interrupted; run the same command to resume", file=sys.stderr)
-            return 130
-        except Exception as e:  # one broken combination must not stop the grid; it is recorded as failed
-            failures += 1
-            record_failure(mlflow_client, parent_id, cfg, earlier, e)
-            print(f"[{i}/{len(todo)}] {combo.key}: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
-
-    out_dir = publish_ablation(mlflow_client, parent_id)
-    mlflow_client.set_terminated(parent_id, "FINISHED")
+    try:
+        with parent:  # finished, or killed by Ctrl-C/SIGTERM (Lightning raises SIGTERMException), or failed
+            done = {r.data.tags.get("pcl.key")
+                    for r in runs.children(mlflow_client, mlflow_client.get_run(parent.run_id))
+                    if is_done(r)}
+            todo = [c for c in grid if c.key not in done]
+            print(f"ablation '{spec.name}': {len(grid)} runs, {len(grid) - len(todo)} already done, {len(todo)} to run")
+            for i, combo in enumerate(todo, 1):
+                cfg = run_config(spec, combo, overrides, parent.run_id)
+                started = time.time()
+                try:
+                    result = train(cfg, quiet=True)
+                    print(f"[{i}/{len(todo)}] {combo.key}: {result.status}, val/loss="
+                          f"{result.metrics.get('val/loss', float('nan')):.4f} ({time.time() - started:.0f}s)")
+                except Exception as e:  # one broken combination must not stop the grid; its run ended failed
+                    failures += 1
+                    print(f"[{i}/{len(todo)}] {combo.key}: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+            out_dir = publish_ablation(mlflow_client, parent.run_id)
+    except (KeyboardInterrupt, SystemExit):
+        print(f"pcl: ablation '{spec.name}' interrupted; run the same command to resume", file=sys.stderr)
+        return 130
     print(f"ablation '{spec.name}': summary in {out_dir / 'summary.md'}")
     return 1 if failures else 0

@@ -29,8 +29,9 @@ from pc_lightning.sweep import runs
 from pc_lightning.sweep.lr_sensitivity import capped_loss, lr_sensitivity, max_stable_lr
 from pc_lightning.sweep.space import is_journal
 from pc_lightning.sweep.statistics import PairedDifference, Spread, paired_difference, seed_band, spread
+from pc_lightning.tracked_run import RunStatus
 
-DONE = ("finished", "diverged")
+DONE = (RunStatus.FINISHED, RunStatus.DIVERGED)
 
 
 def _plt():
@@ -71,7 +72,7 @@ class RunRow:
 
 
 def _run_status(run) -> str:
-    return run.data.tags.get("status") or run.info.status.lower()
+    return RunStatus.of(run) or "running"
 
 
 def run_row(mlflow_client, run) -> RunRow:
@@ -580,7 +581,7 @@ def render_study(study, mlflow_client, parent, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
     run_of_trial = {r.data.tags.get("pcl.trial"): r for r in runs.children(mlflow_client, parent)
-                    if r.data.tags.get("status") != "crashed"}
+                    if RunStatus.of(r) != RunStatus.CRASHED}
     param_names = sorted({p for t in trials for p in t.params})
     rows = []
     for t in trials:

@@ -30,11 +30,11 @@ train: setup
 
 # Fast suite first, then the tests marked slow (CI runs both; pytest's exit code 5 = nothing collected is ok).
 test: setup-dev
-	$(BIN)/python -m pytest -m "not slow" -q; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
-	$(BIN)/python -m pytest -m slow -q; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
+	$(BIN)/python -m pytest -m "not slow" -q --durations=15; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
+	$(BIN)/python -m pytest -m slow -q --durations=15; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
 
 test-fast: setup-dev
-	$(BIN)/python -m pytest -m "not slow" -q; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
+	$(BIN)/python -m pytest -m "not slow" -q --durations=15; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
 
 bench: setup
 	$(BIN)/pip install --quiet -e ".[bench]"

@@ -130,5 +130,4 @@ def test_a_cooldown_resumed_from_a_stable_checkpoint_follows_the_new_schedule(ti
     # the LR monitor shows the shape in MLflow: flat, then the 1-sqrt decay down to min_lr_ratio at the last step
     client = MlflowClient(tracking.tracking_uri(cfg.tracking))
     history = {m.step: m.value for m in client.get_metric_history(straight.run_id, "lr-AdamW/decay")}
-    pass
     assert history[0] == pytest.approx(peak) and history[7] == pytest.approx(peak * MIN)

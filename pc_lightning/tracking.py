@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pc_lightning.config import TrackingConfig
 from pc_lightning.held_interrupt import HeldInterrupt
+from pc_lightning.library_noise import silence_library_noise
 
 RESULTS_DIR = Path(os.environ.get("PCL_RESULTS_DIR", "results"))
 
@@ -68,6 +69,7 @@ def client(cfg_or_uri: TrackingConfig | str) -> HeldClient:
 
     uri = cfg_or_uri if isinstance(cfg_or_uri, str) else tracking_uri(cfg_or_uri)
     ensure_results_dir(uri)
+    silence_library_noise()  # MLflow's schema-creation lines
     return HeldClient(MlflowClient(uri))
 
 

@@ -91,6 +91,7 @@ def run_jobs(job: Job, items: list, workers: int, on_step: Callable[[int, int, i
     n = max(1, min(workers, len(items)))
     for _ in range(n):
         tasks.put(None)
+    tasks.cancel_join_thread()  # jobs a Ctrl-C leaves in the queue must not keep this process from exiting
     args = (job, tasks, events, threads_per_worker(workers), str(tracking.RESULTS_DIR.resolve()), os.getpid())
     procs = [context.Process(target=_serve, args=args, name=f"pcl-worker-{i}") for i in range(n)]
     on_main = threading.current_thread() is threading.main_thread()

@@ -2,7 +2,7 @@
 step of every run in progress.
 
 * On a terminal (the stream is a TTY) one status line is redrawn in place as the runs step, e.g.
-  ``ablation 'quick': 3/18 runs · elapsed 1:02 · ETA 4:10 · pc|muon|lr=config|seed=1337 step 40/80``,
+  ``ablation 'quick': 3/18 runs · elapsed 1:02 · ETA 4:10 · step 40/80 of pc|muon|lr=config|seed=1337``,
   and each finished run leaves one line above it.
 * Anywhere else (a log file, a pipe, CI) only the line per finished run is written, e.g.
   ``[3/18] pc|muon|lr=config|seed=1337: finished, val/loss=5.1234 (19s) · elapsed 1:02 · ETA 4:10``.
@@ -91,7 +91,8 @@ class Progress:
 
     def status_line(self) -> str:
         parts = [f"{self.label}: {self.done}/{self.total} runs", self.times()]
-        parts += [f"{run} step {step}/{max_steps}" for run, (step, max_steps) in self.running.items()]
+        # the step first: a narrow terminal cuts the end of the line
+        parts += [f"step {step}/{max_steps} of {run}" for run, (step, max_steps) in self.running.items()]
         return " · ".join(parts)
 
     def _draw(self) -> None:

@@ -44,12 +44,12 @@ def test_live_line_on_a_terminal_shows_the_steps_of_runs_in_progress():
     clock, out = Clock(), io.StringIO()
     with Progress("ablation 'x'", total=2, stream=out, live=True, clock=clock) as progress:
         progress.step("baseline|adamw", 3, 6)
-        assert progress.status_line() == "ablation 'x': 0/2 runs · elapsed 0:00 · ETA ? · baseline|adamw step 3/6"
+        assert progress.status_line() == "ablation 'x': 0/2 runs · elapsed 0:00 · ETA ? · step 3/6 of baseline|adamw"
         clock.now += 1
         progress.step("baseline|adamw", 6, 6)
         progress.finished("baseline|adamw", "finished")
     text = out.getvalue()
-    assert "\r\x1b[K" + "ablation 'x': 0/2 runs · elapsed 0:01 · ETA ? · baseline|adamw step 6/6" in text
+    assert "\r\x1b[K" + "ablation 'x': 0/2 runs · elapsed 0:01 · ETA ? · step 6/6 of baseline|adamw" in text
     assert "\r\x1b[K[1/2] baseline|adamw: finished · elapsed 0:01 · ETA 0:01\n" in text
     assert text.endswith("\r\x1b[K")  # the live line is cleared at the end
 

@@ -152,7 +152,7 @@ class Outcome:
     def describe(self) -> str:
         if self.status == RunStatus.FAILED:
             return f"FAILED: {self.error}"
-        loss = "no validation yet" if self.val_loss is None or math.isnan(self.val_loss) else \
+        loss = "no validation" if self.val_loss is None or math.isnan(self.val_loss) else \
             f"val/loss={self.val_loss:.4f}"
         return f"{self.status}, {loss} ({self.seconds:.0f}s)"
 

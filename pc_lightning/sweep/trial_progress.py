@@ -51,6 +51,8 @@ class TrialProgress:
 
     def __enter__(self) -> TrialProgress:
         self.progress.__enter__()
+        self.progress.message(f"{self.progress.label}: {self.progress.total} trials, {len(self.seen)} already "
+                              "finished")
         return self
 
     def __exit__(self, *exc) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -76,14 +77,17 @@ def main() -> None:
     rows = []
     for label, workers, threads, thread_text in configurations:
         seconds = timed_grid(workers, args.runs, args.steps, args.data_cache, threads)
-        rows.append((label, thread_text, seconds, args.runs * 3600 / seconds))
+        rows.append((label, thread_text, seconds, args.runs * 3600 / seconds, os.getloadavg()[1]))
     base = rows[0][3]
     lines = [f"# Runs per hour of `pcl ablate --workers N` ({cores} cores)", "",
              f"{args.runs} runs of the tiny baseline, {args.steps} steps of 16 x 128 tokens each, timed end to end "
              "(worker start-up, data loading, MLflow and the report included).", "",
-             "| N | threads per worker | wall time (s) | runs per hour | vs N = 1 |", "|---|---|---|---|---|"]
-    lines += [f"| {label} | {threads} | {seconds:.0f} | {per_hour:.0f} | {per_hour / base:.2f}x |"
-              for label, threads, seconds, per_hour in rows]
+             "The load average (5 min) after each configuration shows how busy the machine was otherwise: with other "
+             "jobs running, the ratios move with their load.", "",
+             "| N | threads per worker | wall time (s) | runs per hour | vs N = 1 | load average |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {label} | {threads} | {seconds:.0f} | {per_hour:.0f} | {per_hour / base:.2f}x | {load:.1f} |"
+              for label, threads, seconds, per_hour, load in rows]
     write_report(args.out, lines)
 
 

@@ -46,6 +46,7 @@ import yaml
 from pc_lightning import tracking
 from pc_lightning.config import ConfigError, ExperimentConfig, build
 from pc_lightning.progress import Progress, StepProgress
+from pc_lightning.secrets import redact
 from pc_lightning.sweep import runs
 from pc_lightning.sweep.workers import run_jobs
 from pc_lightning.sweep.space import compose_config, resolve_relative
@@ -167,7 +168,7 @@ def run_combination(spec: AblationSpec, combo: Combination, overrides: list[str]
     try:
         result = train(run_config(spec, combo, overrides, parent_id), extra_callbacks=list(callbacks), quiet=True)
     except Exception as e:  # one broken combination must not stop the grid
-        return Outcome(RunStatus.FAILED, seconds=time.monotonic() - started, error=f"{type(e).__name__}: {e}")
+        return Outcome(RunStatus.FAILED, seconds=time.monotonic() - started, error=redact(f"{type(e).__name__}: {e}"))
     return Outcome(result.status, result.metrics.get("val/loss"), time.monotonic() - started)
 
 
@@ -193,6 +194,7 @@ def run_ablation(spec_path: str, overrides: list[str] | None = None, workers: in
         run_config(spec, combo, overrides, None)
 
     base = compose_config(spec.base, list(spec.overrides) + overrides)
+    tracking.check_server(base.tracking)  # a tracking server that is down or refuses us: one line, in seconds
     uri = tracking.tracking_uri(base.tracking)
     mlflow_client = tracking.client(uri)
     parent = runs.find_or_create_parent(mlflow_client, uri, base.tracking.experiment, "ablation", spec.name, {

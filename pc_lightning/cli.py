@@ -6,6 +6,7 @@
     pcl eval    CKPT --tasks t1,t2      lm-evaluation-harness tasks on a checkpoint -> table + JSON results
     pcl sweep   sweeps/NAME.yaml [--workers N] [--storage URL] [--worker-index I]
     pcl ablate  conf/ablation/NAME.yaml [--workers N]
+    pcl claims  [NAME ...]              positive controls: run conf/ablation/claims/NAME.yaml -> results/claims/
     pcl report  NAME                    re-render an ablation's or study's summary from MLflow/Optuna
 """
 
@@ -93,6 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key.path=value",
                    help="overrides applied to the base config of every run")
 
+    p = sub.add_parser("claims", help="run the positive controls (conf/ablation/claims/) -> results/claims/summary.md",
+                       description="Run each named claim's ablation (all claims by default; finished runs are kept, "
+                                   "so the command resumes), render it to results/claims/NAME/ and write "
+                                   "results/claims/summary.md: per claim the paper's claim, the measured paired "
+                                   "differences with 95%% intervals and a verdict computed by the claim file's rule.")
+    p.add_argument("items", nargs="*", metavar="NAME | key.path=value",
+                   help="claim names (file stems under conf/ablation/claims/; none = all), and overrides applied to "
+                        "every run of them")
+    p.add_argument("--seeds", help="comma-separated seeds replacing the files' seeds (e.g. a quick check)")
+    p.add_argument("--no-run", action="store_true", help="only re-render results/claims/ from MLflow")
+
     p = sub.add_parser("report", help="re-render an ablation's or study's summary and plots from MLflow/Optuna")
     p.add_argument("name", help="ablation or study name (or its spec file)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///results/mlflow.db)")
@@ -107,9 +119,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if not hasattr(args, "overrides") or any(e.startswith("-") for e in extra):
+        target = next((name for name in ("overrides", "items") if hasattr(args, name)), None)
+        if target is None or any(e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.overrides = list(args.overrides) + extra
+        setattr(args, target, list(getattr(args, target)) + extra)
     return args
 
 
@@ -201,6 +214,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         from pc_lightning.sweep.ablation import run_ablation
 
         return run_ablation(args.spec, overrides=args.overrides, workers=args.workers)
+    if args.command == "claims":
+        from pc_lightning.sweep.claims import run_claims
+
+        seeds = None
+        if args.seeds:
+            try:
+                seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+            except ValueError:
+                raise ConfigError("--seeds", f"expected comma-separated integers, got {args.seeds!r}") from None
+        names = [x for x in args.items if "=" not in x]
+        overrides = [x for x in args.items if "=" in x]
+        return run_claims(names, overrides=overrides, seeds=seeds, run=not args.no_run)
     if args.command == "report":
         from pc_lightning.sweep.report import report
 

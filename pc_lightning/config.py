@@ -326,6 +326,10 @@ class OptimConfig(Section):
     name: Literal["adamw", "muon", "soap", "gn", "gn_layerwise"] = "adamw"
     lr: float = 3e-3
     weight_decay: float = 0.1  # on matrices (ndim >= 2); norm weights, gains and scalars get none
+    # false: decoupled decay scaled by the LR, as torch's AdamW (p -= lr_t * weight_decay * p); true: independent of
+    # the peak LR, scaled by the schedule only (p -= s_t * weight_decay * p; Wortsman et al. 2023, arXiv 2309.14322,
+    # who use 1e-4): each optimizer part is given weight_decay / its peak LR
+    independent_weight_decay: bool = False
     decay_pc_gamma: bool = True  # also decay the PC gains gamma, as the PC reference does (it decays everything)
     decay_all: bool = False  # decay every parameter (norms, gains, embedding, head too), as the PC reference does
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])

@@ -32,8 +32,12 @@ IGNORED = frozenset({"compile", "init", "init_std", "pc.evaluate", "pc.bf16_matm
 def model_differences(saved: ModelConfig, run: ModelConfig) -> list[str]:
     """``model.<key>: checkpoint X, this run Y`` for every key (not in :data:`IGNORED`) where they differ."""
     a, b = flatten(to_dict(saved)), flatten(to_dict(run))
+    # a layer kind's own section only shapes a model that uses that kind: a dense checkpoint warm-starts a dense
+    # run whatever model.pc.level its optimizer resolves to (AdamW 4, Muon 2)
+    unused = tuple(f"{kind}." for kind in ("pc", "tsvd") if kind not in (saved.linear, run.linear))
     return [f"model.{k}: checkpoint {a.get(k)!r}, this run {b.get(k)!r}"
-            for k in sorted(set(a) | set(b)) if k not in IGNORED and a.get(k) != b.get(k)]
+            for k in sorted(set(a) | set(b))
+            if k not in IGNORED and not k.startswith(unused) and a.get(k) != b.get(k)]
 
 
 def check_initial_checkpoint(cfg: ExperimentConfig, path: str) -> dict[str, torch.Tensor]:

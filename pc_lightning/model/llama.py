@@ -225,3 +225,23 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     d, L = cfg.d_model, cfg.n_layers
     matmul_params = L * (4 * d * d + 3 * d * cfg.d_ff) + d * cfg.vocab_size
     return 6.0 * matmul_params + 12.0 * L * d * seq_len
+
+
+def layer_macs(layer: nn.Module) -> int:
+    """Multiply-adds per token of one block matrix's forward: m·n for a dense or PC layer (PC applies its dense
+    W_eff; the polynomial is evaluated once per optimizer step, not per token), r·(m + n) + r for a rank-r TSVD
+    layer (x -> Vᵀx -> diag(s) -> U(.))."""
+    m, n = layer.out_features, layer.in_features
+    rank = getattr(layer, "rank", None)
+    return rank * (m + n) + rank if rank is not None else m * n
+
+
+def model_flops_per_token(model: "Llama", seq_len: int) -> float:
+    """Training FLOPs per token of the model as built (PaLM appendix B, 6 per multiply-add of the forward's
+    matmuls, plus attention 12 L d T), counting each block matrix by its kind (:func:`layer_macs`), so a TSVD
+    model's count follows its current ranks. Equals :func:`flops_per_token` for a dense model."""
+    from pc_lightning.layers import iter_layers
+
+    cfg = model.cfg
+    macs = sum(layer_macs(layer) for _, layer in iter_layers(model)) + cfg.d_model * cfg.vocab_size
+    return 6.0 * macs + 12.0 * cfg.n_layers * cfg.d_model * seq_len

@@ -27,7 +27,7 @@ from torchmetrics import MeanMetric, SumMetric
 
 from pc_lightning.config import ExperimentConfig, from_dict
 from pc_lightning.distributed import full_parameters
-from pc_lightning.model import Llama, count_parameters
+from pc_lightning.model import Llama, count_parameters, model_flops_per_token
 from pc_lightning.optim.factory import build_optimizer
 from pc_lightning.optim.schedule import build_scheduler
 
@@ -94,6 +94,8 @@ class PretrainModule(L.LightningModule):
             raise Diverged(step, value, "loss is not finite")
         if self.initial_loss is None:
             self.initial_loss = value
+            if self.logger is not None:  # l0 of the LR sensitivity (Wortsman et al.: the loss at initialisation)
+                self.logger.log_metrics({"train/initial_loss": value}, step=step)
         elif value > self.initial_loss + self.cfg.monitor.divergence_margin:
             raise Diverged(step, value, f"loss exceeds the initial loss {self.initial_loss:.3f} by more than "
                                         f"monitor.divergence_margin={self.cfg.monitor.divergence_margin}")
@@ -154,7 +156,17 @@ class PretrainModule(L.LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_fit_start(self) -> None:
-        if self.logger is not None and self.global_step == 0:
-            with full_parameters(self.trainer.strategy, writeback=False):  # FSDP: count whole matrices, not shards
-                n = count_parameters(self.model)
-            self.logger.log_metrics({"model/parameters": float(n)}, step=0)
+        if self.global_step == 0:
+            self.log_size()
+
+    def on_train_end(self) -> None:
+        self.log_size()  # a TSVD model's rank adaptation changes both during training
+
+    def log_size(self) -> None:
+        """``model/parameters`` and ``model/flops_per_token`` (by each layer's kind and current rank) at this step."""
+        if self.logger is None:
+            return
+        with full_parameters(self.trainer.strategy, writeback=False):  # FSDP: count whole matrices, not shards
+            n = count_parameters(self.model)
+            flops = model_flops_per_token(self.model, self.cfg.data.seq_len)
+        self.logger.log_metrics({"model/parameters": float(n), "model/flops_per_token": flops}, step=self.global_step)

@@ -53,6 +53,15 @@ def also_decayed(model: nn.Module, cfg: OptimConfig) -> frozenset[str]:
     return pc_gain_names(model) if cfg.decay_pc_gamma else frozenset()
 
 
+def weight_decay_at(cfg: OptimConfig, lr: float, weight_decay: float | None = None) -> float:
+    """The weight decay (default ``cfg.weight_decay``) to hand an optimizer (part) whose peak LR is ``lr``.
+    torch's optimizers decay by lr_t * weight_decay per step; with ``independent_weight_decay`` the decay must not
+    scale with the peak LR (Wortsman et al. 2023: p -= s_t * lambda * p, s_t the schedule), so they get
+    lambda / lr."""
+    weight_decay = cfg.weight_decay if weight_decay is None else weight_decay
+    return weight_decay / lr if cfg.independent_weight_decay else weight_decay
+
+
 def decay_groups(params: NamedParams, weight_decay: float, lr: float,
                  also_decay: frozenset[str] = frozenset()) -> list[dict]:
     """Two groups: weight decay on matrices and on the names in ``also_decay``; none on the rest."""
@@ -67,8 +76,8 @@ def adamw(params: NamedParams, cfg: OptimConfig, lr: float | None = None,
           also_decay: frozenset[str] = frozenset()) -> torch.optim.AdamW:
     lr = cfg.lr if lr is None else lr
     fused = all(p.is_cuda for _, p in params) and len(params) > 0
-    return torch.optim.AdamW(decay_groups(params, cfg.weight_decay, lr, also_decay), lr=lr, betas=tuple(cfg.betas),
-                             eps=cfg.eps, fused=fused or None)
+    return torch.optim.AdamW(decay_groups(params, weight_decay_at(cfg, lr), lr, also_decay), lr=lr,
+                             betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
 
 
 def is_hidden_matrix(name: str, param: nn.Parameter) -> bool:
@@ -88,7 +97,8 @@ def muon(params: NamedParams, cfg: OptimConfig, lr: float | None = None, adamw_l
     parts: list[torch.optim.Optimizer] = []
     if hidden:
         parts.append(torch.optim.Muon(
-            [{"params": [p for _, p in hidden], "name": "muon"}], lr=lr, weight_decay=muon_weight_decay,
+            [{"params": [p for _, p in hidden], "name": "muon"}], lr=lr,
+            weight_decay=weight_decay_at(cfg, lr, muon_weight_decay),
             momentum=cfg.muon.momentum, nesterov=cfg.muon.nesterov, ns_steps=cfg.muon.ns_steps,
             adjust_lr_fn=cfg.muon.adjust_lr_fn,
         ))
@@ -113,9 +123,10 @@ def soap(params: NamedParams, cfg: OptimConfig, also_decay: frozenset[str] = fro
       update, not a fresh ``eigh``). Adam's first moment lives in parameter space and is projected every
       step; the second moment lives in the rotated basis and is re-ordered to follow the new eigenvectors.
     """
+    weight_decay = weight_decay_at(cfg, cfg.lr)
     return pytorch_optimizer.SOAP(
-        decay_groups(params, cfg.weight_decay, cfg.lr, also_decay), lr=cfg.lr, betas=tuple(cfg.betas),
-        weight_decay=cfg.weight_decay, precondition_frequency=cfg.soap.precondition_frequency,
+        decay_groups(params, weight_decay, cfg.lr, also_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+        weight_decay=weight_decay, precondition_frequency=cfg.soap.precondition_frequency,
         max_precondition_dim=cfg.soap.max_precond_dim, eps=cfg.eps,
     )
 

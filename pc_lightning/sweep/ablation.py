@@ -14,6 +14,12 @@ seed, command-line overrides.
     seeds: [1337]
     lrs: [3.0e-3]                      # empty = the config's optim.lr
     reference: baseline                # the variant the others are compared with; default: the first one
+    warm_start: [trainer.max_steps=300, trainer.checkpoint_every=300]  # optional: one shared start (below)
+
+With ``warm_start`` one run (base, overrides, then these; seed = the first seed) is trained first as a child of
+the parent (key ``warm_start``) and its ``last.ckpt`` becomes ``trainer.init_from`` of every combination, so they
+all start from the same weights (Abreu et al.'s optimizer comparison). It must write a checkpoint at its last
+step (``trainer.checkpoint_every`` dividing its ``max_steps``). A re-run reuses it.
 
 Every combination is one :func:`pc_lightning.train.train` run nested under one MLflow parent run per
 ablation, tagged with its key ``variant|optimizer|lr|seed``. Re-running the command skips combinations
@@ -37,7 +43,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -48,6 +54,8 @@ from pc_lightning.config import ConfigError, ExperimentConfig, build
 from pc_lightning.progress import Progress, StepProgress
 from pc_lightning.secrets import redact
 from pc_lightning.sweep import runs
+from pc_lightning.sweep.claims import ClaimSpec, check_claim
+from pc_lightning.sweep.run_metrics import MetricSpec
 from pc_lightning.sweep.workers import run_jobs
 from pc_lightning.sweep.space import compose_config, resolve_relative
 from pc_lightning.tracked_run import RunStatus
@@ -63,6 +71,15 @@ class AblationSpec:
     seeds: list[int] = field(default_factory=lambda: [1337])
     lrs: list[float] = field(default_factory=list)
     reference: str | None = None  # the variant the report compares the others with; None = the first variant
+    # an LR counts as stable when its run did not diverge and kept more than this fraction of the best LR's
+    # improvement over l0 (0 = ended below l0; pc_lightning/sweep/lr_sensitivity.py)
+    stable_fraction: float = 0.0
+    metrics: dict[str, MetricSpec] = field(default_factory=dict)  # extra per-run metrics the report summarises
+    output: str | None = None  # the report's folder under results/ (None = the name)
+    claim: ClaimSpec | None = None  # a positive control's claim and its rule (pcl claims)
+    # overrides of one shared warm-start run trained before the grid (seed: the first seed); its last checkpoint
+    # becomes every run's trainer.init_from (None: no warm start)
+    warm_start: list[str] | None = None
 
     @property
     def reference_variant(self) -> str:
@@ -111,6 +128,14 @@ def load_ablation(path: str | Path) -> AblationSpec:
                                        f"(variants: {list(spec.variants)})")
     if len(set(spec.seeds)) != len(spec.seeds):
         raise ConfigError("seeds", f"a seed is listed twice: {spec.seeds}")
+    if not 0 <= spec.stable_fraction < 1:
+        raise ConfigError("stable_fraction", f"must be in [0, 1), got {spec.stable_fraction}")
+    for name, metric in spec.metrics.items():
+        metric.check(name)
+    if spec.output is not None and (Path(spec.output).is_absolute() or ".." in Path(spec.output).parts):
+        raise ConfigError("output", f"must be a folder under the results directory, got {spec.output!r}")
+    if spec.claim is not None:
+        check_claim(spec.claim, list(spec.variants), list(spec.optimizers), list(spec.metrics))
     return spec
 
 
@@ -134,6 +159,43 @@ def run_config(spec: AblationSpec, combo: Combination, overrides: list[str], par
         "pcl.seed": str(combo.seed)})
     cfg.trainer.progress_bar = False
     return cfg
+
+
+WARM_START_KEY = "warm_start"
+
+
+def warm_start_config(spec: AblationSpec, overrides: list[str], parent_id: str | None) -> ExperimentConfig:
+    cfg = compose_config(spec.base, list(spec.overrides) + list(spec.warm_start or [])
+                         + [f"trainer.seed={spec.seeds[0]}", *overrides])
+    cfg.name = f"{spec.name}-{WARM_START_KEY}"
+    cfg.tracking.run_name = WARM_START_KEY
+    cfg.tracking.parent_run_id = parent_id
+    cfg.tracking.tags.update({"pcl.kind": "ablation-warm-start", "pcl.ablation": spec.name,
+                              "pcl.key": WARM_START_KEY})
+    cfg.trainer.progress_bar = False
+    return cfg
+
+
+def warm_start_checkpoint(spec: AblationSpec, overrides: list[str], mlflow_client, parent_id: str) -> str:
+    """The shared warm start's ``last.ckpt``: the finished one under the parent, or trained now."""
+    from pc_lightning.train import train
+
+    for r in runs.children(mlflow_client, mlflow_client.get_run(parent_id)):
+        path = r.data.tags.get("pcl.checkpoint")
+        if r.data.tags.get("pcl.key") == WARM_START_KEY and is_done(r) and path and Path(path).exists():
+            print(f"ablation '{spec.name}': warm start {path}")
+            return path
+    cfg = warm_start_config(spec, overrides, parent_id)
+    started = time.time()
+    result = train(cfg, quiet=True)
+    path = Path(result.checkpoint_dir or "") / "last.ckpt"
+    if result.status != RunStatus.FINISHED or not path.exists():
+        raise ConfigError("warm_start", f"the warm-start run ended {result.status} without {path}: it must finish "
+                                        "and write a checkpoint at its last step (trainer.checkpoint_every)")
+    mlflow_client.set_tag(result.run_id, "pcl.checkpoint", str(path))
+    print(f"ablation '{spec.name}': warm start trained in {time.time() - started:.0f}s, val/loss="
+          f"{result.metrics.get('val/loss', float('nan')):.4f} -> {path}")
+    return str(path)
 
 
 def is_done(run) -> bool:
@@ -179,19 +241,24 @@ def _combination_job(spec: AblationSpec, overrides: list[str], parent_id: str, c
 
 
 def run_ablation(spec_path: str, overrides: list[str] | None = None, workers: int = 1,
-                 extra_callbacks: list[L.Callback] = ()) -> int:
+                 extra_callbacks: list[L.Callback] = (), seeds: list[int] | None = None) -> int:
     """Run every missing combination, ``workers`` at a time (each in a process of its own if ``workers`` > 1),
     then render results/<name>/. Exit code 1 if any run failed, 130 if interrupted. ``extra_callbacks`` join
-    every run's Trainer (pickled into the worker processes)."""
+    every run's Trainer (pickled into the worker processes). ``seeds`` replaces the file's seeds (e.g. a quick
+    check with fewer)."""
     from pc_lightning.sweep.report import publish_ablation
 
     overrides = list(overrides or [])
     if workers < 1:
         raise ConfigError("--workers", "must be >= 1")
     spec = load_ablation(spec_path)
+    if seeds:
+        spec.seeds = list(seeds)
     grid = combinations(spec)
     for combo in grid:  # every combination is a valid config before anything runs
         run_config(spec, combo, overrides, None)
+    if spec.warm_start is not None:
+        warm_start_config(spec, overrides, None)
 
     base = compose_config(spec.base, list(spec.overrides) + overrides)
     tracking.check_server(base.tracking)  # a tracking server that is down or refuses us: one line, in seconds
@@ -200,7 +267,9 @@ def run_ablation(spec_path: str, overrides: list[str] | None = None, workers: in
     parent = runs.find_or_create_parent(mlflow_client, uri, base.tracking.experiment, "ablation", spec.name, {
         "pcl.ablation": spec.name, "pcl.spec": str(Path(spec_path).resolve()),
         "pcl.variants": json.dumps(list(spec.variants)), "pcl.optimizers": json.dumps(list(spec.optimizers)),
-        "pcl.reference": spec.reference_variant})
+        "pcl.reference": spec.reference_variant, "pcl.output": spec.output or "",
+        "pcl.stable_fraction": repr(spec.stable_fraction),
+        "pcl.metrics": json.dumps({name: asdict(m) for name, m in spec.metrics.items()})})
     failures = 0
     try:
         with parent:  # finished, or killed by Ctrl-C/SIGTERM (Lightning raises SIGTERMException), or failed
@@ -211,6 +280,10 @@ def run_ablation(spec_path: str, overrides: list[str] | None = None, workers: in
             parallel = f" in {min(workers, len(todo))} worker processes" if workers > 1 and len(todo) > 1 else ""
             print(f"ablation '{spec.name}': {len(grid)} runs, {len(grid) - len(todo)} already done, "
                   f"{len(todo)} to run{parallel}", flush=True)
+            run_overrides = list(overrides)
+            if spec.warm_start is not None and todo:  # one shared start, trained once (before the grid)
+                checkpoint = warm_start_checkpoint(spec, overrides, mlflow_client, parent.run_id)
+                run_overrides = [f"trainer.init_from={checkpoint}", *overrides]
             with Progress(f"ablation '{spec.name}'", total=len(grid), done=len(grid) - len(todo)) as progress:
                 def ended(combo: Combination, outcome: Outcome) -> None:
                     nonlocal failures
@@ -218,7 +291,7 @@ def run_ablation(spec_path: str, overrides: list[str] | None = None, workers: in
                     progress.finished(combo.key, outcome.describe(), error=outcome.status == RunStatus.FAILED)
 
                 if parallel:
-                    job = functools.partial(_combination_job, spec, overrides, parent.run_id, list(extra_callbacks))
+                    job = functools.partial(_combination_job, spec, run_overrides, parent.run_id, list(extra_callbacks))
                     lost = run_jobs(job, todo, workers,
                                     on_step=lambda i, step, max_steps: progress.step(todo[i].key, step, max_steps),
                                     on_done=lambda i, outcome: ended(todo[i], outcome))
@@ -227,7 +300,7 @@ def run_ablation(spec_path: str, overrides: list[str] | None = None, workers: in
                 else:
                     for combo in todo:
                         steps = StepProgress(lambda step, max_steps, key=combo.key: progress.step(key, step, max_steps))
-                        ended(combo, run_combination(spec, combo, overrides, parent.run_id,
+                        ended(combo, run_combination(spec, combo, run_overrides, parent.run_id,
                                                      [steps, *extra_callbacks]))
             out_dir = publish_ablation(mlflow_client, parent.run_id)
     except (KeyboardInterrupt, SystemExit):

@@ -8,7 +8,7 @@ Ablation summary, one row per variant x optimizer (with several LRs, at the LR o
 final and best val loss as mean ± sd over seeds and n, perplexity exp(mean final loss), tokens/s, parameters,
 loss spikes (``spike/count``) and diverged runs; then every variant against the reference variant with the same
 optimizer, as the mean paired difference over seeds with a 95% t-interval; with an LR grid, the maximum stable
-LR and the Wortsman LR sensitivity (:mod:`pc_lightning.sweep.lr_sensitivity`, l0 = ln(vocab)) per seed,
+LR and the Wortsman LR sensitivity (:mod:`pc_lightning.sweep.lr_sensitivity`, l0 = the loss at initialisation) per seed,
 aggregated and compared the same way. The arithmetic is in :mod:`pc_lightning.sweep.statistics`.
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import mean
 
@@ -28,6 +28,7 @@ from pc_lightning.config import ConfigError, TrackingConfig
 from pc_lightning.secrets import without_masked_password
 from pc_lightning.sweep import runs
 from pc_lightning.sweep.lr_sensitivity import capped_loss, lr_sensitivity, max_stable_lr
+from pc_lightning.sweep.run_metrics import MetricSpec, run_metric
 from pc_lightning.sweep.space import is_journal
 from pc_lightning.sweep.statistics import PairedDifference, Spread, paired_difference, seed_band, spread
 from pc_lightning.tracked_run import RunStatus
@@ -66,9 +67,15 @@ class RunRow:
     vocab: int | None
     run_id: str
     error: str = ""
+    first_loss: float | None = None  # train/initial_loss: the training loss at initialisation (first step)
+    metrics: dict[str, float | None] = field(default_factory=dict)  # the ablation's metrics: (run_metrics)
 
     @property
     def initial_loss(self) -> float | None:
+        """l0 of the LR sensitivity: the loss at initialisation as Wortsman et al. define it, i.e. the run's first
+        training loss; ln(vocab) (a uniform predictor's loss) for runs recorded before it was logged."""
+        if self.first_loss is not None and math.isfinite(self.first_loss):
+            return self.first_loss
         return math.log(self.vocab) if self.vocab else None
 
 
@@ -76,7 +83,8 @@ def _run_status(run) -> str:
     return RunStatus.of(run) or "running"
 
 
-def run_row(mlflow_client, run) -> RunRow:
+def run_row(mlflow_client, run, specs: dict[str, MetricSpec] | None = None) -> RunRow:
+    """One run's row; ``specs``: the ablation's extra metrics, each reduced from the run's history."""
     tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
     history = sorted(mlflow_client.get_metric_history(run.info.run_id, "val/loss"), key=lambda m: (m.step, m.timestamp))
     values = [m.value for m in history]
@@ -92,7 +100,8 @@ def run_row(mlflow_client, run) -> RunRow:
         parameters=int(parameters) if parameters not in (None, "None") else None,
         spikes=metrics.get("spike/count"), last_val_step=history[-1].step if history else None,
         vocab=int(vocab) if vocab not in (None, "None") else None, run_id=run.info.run_id,
-        error=tags.get("error", "") or tags.get("diverged_message", ""))
+        error=tags.get("error", "") or tags.get("diverged_message", ""), first_loss=metrics.get("train/initial_loss"),
+        metrics={name: run_metric(mlflow_client, run, spec) for name, spec in (specs or {}).items()})
 
 
 def select_runs(rows: list[RunRow]) -> list[RunRow]:
@@ -128,6 +137,10 @@ class GroupSummary:
     lr_sensitivity_by_seed: dict[int, float]  # seeds with a complete grid
     incomplete_seeds: list[int]  # seeds without a result at every LR of the grid: no LR statistics
     no_stable_lr_seeds: list[int]  # complete seeds where every LR diverged or ended at or above l0
+    # the ablation's metrics: per metric, the value per seed (at the metric's LR, else the row LR), and the seeds
+    # whose run had no value (e.g. never reached a first_step_at_or_below threshold)
+    metrics_by_seed: dict[str, dict[int, float]] = field(default_factory=dict)
+    metrics_missing: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def final_val_loss(self) -> Spread:
@@ -190,37 +203,51 @@ def _by_seed(rows: list[RunRow], value) -> dict[int, float]:
     return out
 
 
-def summarize(variant: str, optimizer: str, rows: list[RunRow]) -> GroupSummary:
+def final_loss(row: RunRow) -> float | None:
+    """:func:`run_final_loss` at the run's own l0."""
+    return run_final_loss(row, row.initial_loss)
+
+
+def summarize(variant: str, optimizer: str, rows: list[RunRow], specs: dict[str, MetricSpec] | None = None,
+              stable_fraction: float = 0.0) -> GroupSummary:
     results = [r for r in rows if r.status in DONE]
-    l0 = next((r.initial_loss for r in rows if r.initial_loss), None)
     grid = sorted({r.lr for r in rows if math.isfinite(r.lr)})  # a run that failed before it had an LR: NaN
     by_lr: dict[float, list[RunRow]] = {lr: [r for r in results if r.lr == lr] for lr in grid}
-    losses = {lr: spread(_by_seed(rs, lambda r: run_final_loss(r, l0)).values()) for lr, rs in by_lr.items() if rs}
+    losses = {lr: spread(_by_seed(rs, final_loss).values()) for lr, rs in by_lr.items() if rs}
     # the row's LR: the lowest mean final loss over seeds (a diverged seed counts as l0)
     best_lr = min((lr for lr in losses if losses[lr].n), key=lambda lr: losses[lr].mean, default=None)
     at_best = by_lr.get(best_lr, [])
 
     # LR sensitivity and max stable LR per seed, over the whole grid; only seeds with a result at every LR
     lr_sens, max_lr, incomplete, no_stable = {}, {}, [], []
-    if len(grid) > 1 and l0 is not None:
+    if len(grid) > 1:
         for seed in sorted({r.seed for r in rows}):
-            per_lr = {r.lr: run_final_loss(r, l0) for r in results if r.seed == seed}
+            mine = [r for r in results if r.seed == seed]
+            l0s = [r.initial_loss for r in mine if r.initial_loss is not None]
+            l0 = mean(l0s) if l0s else None  # one init and first batch per seed: the same l0 at every LR
+            per_lr = {r.lr: final_loss(r) for r in mine}
             per_lr = {lr: loss for lr, loss in per_lr.items() if loss is not None}  # diverged = l0: unstable
-            if set(per_lr) != set(grid):
+            if l0 is None or set(per_lr) != set(grid):
                 incomplete.append(seed)
                 continue
             lr_sens[seed] = lr_sensitivity(per_lr, l0)
-            stable = max_stable_lr(per_lr, l0)
+            stable = max_stable_lr(per_lr, l0, stable_fraction)
             if stable is None:
                 no_stable.append(seed)
             else:
                 max_lr[seed] = stable
 
+    metrics_by_seed, metrics_missing = {}, {}
+    for name, spec in (specs or {}).items():
+        at = by_lr.get(spec.lr, []) if spec.lr is not None else at_best
+        metrics_by_seed[name] = _by_seed(at, lambda r: r.metrics.get(name))
+        metrics_missing[name] = sorted(r.seed for r in at if r.metrics.get(name) is None)
+
     spikes = [r.spikes for r in results if r.spikes is not None]
     return GroupSummary(
         variant=variant, optimizer=optimizer, lr=best_lr,
-        final_by_seed=_by_seed(at_best, lambda r: run_final_loss(r, l0)),
-        best_by_seed=_by_seed(at_best, lambda r: run_best_loss(r, l0)),
+        final_by_seed=_by_seed(at_best, final_loss),
+        best_by_seed=_by_seed(at_best, lambda r: run_best_loss(r, r.initial_loss)),
         tokens_per_sec=_mean([r.tokens_per_sec for r in results if r.status == "finished"]),
         parameters=next((r.parameters for r in rows if r.parameters), None),
         spikes=sum(spikes) if spikes else None,
@@ -228,7 +255,7 @@ def summarize(variant: str, optimizer: str, rows: list[RunRow]) -> GroupSummary:
         lr_grid=grid, losses_by_lr=losses,
         diverged_by_lr={lr: sum(r.status == "diverged" for r in rs) for lr, rs in by_lr.items()},
         max_stable_lr_by_seed=max_lr, lr_sensitivity_by_seed=lr_sens, incomplete_seeds=incomplete,
-        no_stable_lr_seeds=no_stable)
+        no_stable_lr_seeds=no_stable, metrics_by_seed=metrics_by_seed, metrics_missing=metrics_missing)
 
 
 @dataclass
@@ -241,34 +268,67 @@ class Comparison:
     best_val_loss: PairedDifference | None
     lr_sensitivity: PairedDifference | None
     max_stable_lr_log: PairedDifference | None  # of ln LR: exp(mean) is the geometric-mean ratio
+    metrics: dict[str, PairedDifference] = field(default_factory=dict)  # the ablation's metrics (ln for scale: log)
 
     @property
     def is_reference(self) -> bool:
         return self.reference is self.group
 
 
-def compare(group: GroupSummary, reference: GroupSummary | None) -> Comparison:
+# What a comparison (or a claim check) can be about: the loss columns, the LR-grid statistics, or a metric of the
+# ablation's metrics: section. Log-scale measures are compared as ratios (paired differences of their logarithms).
+LOSS_MEASURES = ("final_val_loss", "best_val_loss", "lr_sensitivity", "max_stable_lr")
+
+
+def measure_by_seed(g: GroupSummary, measure: str) -> dict[int, float]:
+    """The per-seed values of ``measure`` for one group (a loss column, an LR-grid statistic or a metric name)."""
+    if measure == "final_val_loss":
+        return g.final_by_seed
+    if measure == "best_val_loss":
+        return g.best_by_seed
+    if measure == "lr_sensitivity":
+        return g.lr_sensitivity_by_seed
+    if measure == "max_stable_lr":
+        return g.max_stable_lr_by_seed
+    if measure in g.metrics_by_seed:
+        return g.metrics_by_seed[measure]
+    raise KeyError(measure)
+
+
+def is_log_scale(measure: str, specs: dict[str, MetricSpec] | None = None) -> bool:
+    return measure == "max_stable_lr" or (measure in (specs or {}) and specs[measure].scale == "log")
+
+
+def paired_measure(group: GroupSummary, reference: GroupSummary, measure: str, log: bool = False) -> PairedDifference:
+    """group − reference paired by seed (``log``: ln group − ln reference, seeds with a non-positive value left
+    out as unpaired)."""
+    a, b = measure_by_seed(group, measure), measure_by_seed(reference, measure)
+    if log:
+        a = {s: math.log(v) for s, v in a.items() if v > 0}
+        b = {s: math.log(v) for s, v in b.items() if v > 0}
+    return paired_difference(a, b)
+
+
+def compare(group: GroupSummary, reference: GroupSummary | None,
+            specs: dict[str, MetricSpec] | None = None) -> Comparison:
     """Paired differences group - reference over the seeds both have (each side at its own row LR)."""
     if reference is None:
         return Comparison(group, None, None, None, None, None)
     grid = group.has_lr_grid and reference.has_lr_grid
-
-    def log_lr(g: GroupSummary) -> dict[int, float]:
-        return {seed: math.log(lr) for seed, lr in g.max_stable_lr_by_seed.items()}
-
     return Comparison(
         group, reference,
-        final_val_loss=paired_difference(group.final_by_seed, reference.final_by_seed),
-        best_val_loss=paired_difference(group.best_by_seed, reference.best_by_seed),
-        lr_sensitivity=paired_difference(group.lr_sensitivity_by_seed, reference.lr_sensitivity_by_seed)
-        if grid else None,
-        max_stable_lr_log=paired_difference(log_lr(group), log_lr(reference)) if grid else None)
+        final_val_loss=paired_measure(group, reference, "final_val_loss"),
+        best_val_loss=paired_measure(group, reference, "best_val_loss"),
+        lr_sensitivity=paired_measure(group, reference, "lr_sensitivity") if grid else None,
+        max_stable_lr_log=paired_measure(group, reference, "max_stable_lr", log=True) if grid else None,
+        metrics={name: paired_measure(group, reference, name, is_log_scale(name, specs)) for name in specs or {}})
 
 
-def compare_all(groups: list[GroupSummary], reference: str) -> list[Comparison]:
+def compare_all(groups: list[GroupSummary], reference: str,
+                specs: dict[str, MetricSpec] | None = None) -> list[Comparison]:
     """Every group against ``reference`` x the same optimizer."""
     refs = {g.optimizer: g for g in groups if g.variant == reference}
-    return [compare(g, refs.get(g.optimizer)) for g in groups]
+    return [compare(g, refs.get(g.optimizer), specs) for g in groups]
 
 
 def _fmt(value, spec: str, none: str = "–") -> str:
@@ -319,9 +379,10 @@ def _seed_list(seeds: list[int]) -> str:
     return ", ".join(str(s) for s in seeds)
 
 
-def summary_markdown(name: str, groups: list[GroupSummary], rows: list[RunRow], reference: str | None = None) -> str:
+def summary_markdown(name: str, groups: list[GroupSummary], rows: list[RunRow], reference: str | None = None,
+                     specs: dict[str, MetricSpec] | None = None, stable_fraction: float = 0.0) -> str:
     reference = reference or (groups[0].variant if groups else None)
-    comparisons = compare_all(groups, reference)
+    comparisons = compare_all(groups, reference, specs)
     seeds = sorted({r.seed for r in rows})
     most = max((g.final_val_loss.n for g in groups), default=0)
     lines = [f"# Ablation `{name}`", "",
@@ -336,7 +397,7 @@ def summary_markdown(name: str, groups: list[GroupSummary], rows: list[RunRow], 
         "## Mean over seeds", "",
         "Loss columns: mean ± sample standard deviation over the n seeds with a result at the row's LR (the LR "
         "with the lowest mean final loss when the ablation has an LR grid). A diverged run counts as "
-        "l0 = ln(vocab) and a loss above l0 is capped at l0 (as in the LR sensitivity); failed and missing runs "
+        "l0 (the loss at initialisation: the run's first training loss, else ln(vocab)) and a loss above l0 is capped at l0 (as in the LR sensitivity); failed and missing runs "
         "are left out. val ppl = exp(mean final val loss). tokens/s: mean over finished runs; spikes: total over "
         "all runs.", "",
         "| variant | optimizer | LR | n | final val loss | best val loss | val ppl | tokens/s | params | spikes "
@@ -377,8 +438,12 @@ def summary_markdown(name: str, groups: list[GroupSummary], rows: list[RunRow], 
         lines += [
             "", "## LR grid: max stable LR and LR sensitivity", "",
             "Per seed over the whole LR grid, then over seeds. LR sens. = Wortsman et al. 2023 "
-            "E_lr[min(l, l0) − min_lr l] with l0 = ln(vocab) and a diverged run = l0: mean ± sd. Max stable LR = "
-            "largest LR with no divergence and final loss < l0: geometric mean ×/÷ geometric sd (the grid is "
+            "E_lr[min(l, l0) − min_lr l] with l0 = the loss at initialisation (the run's first training loss; "
+            "ln(vocab) if not recorded) and a diverged run = l0: mean ± sd. Max stable LR = largest LR with no "
+            "divergence and final loss < l0"
+            + (f" that kept more than {stable_fraction:g} of the best LR's improvement l0 − min_lr l"
+               if stable_fraction else "")
+            + ": geometric mean ×/÷ geometric sd (the grid is "
             f"log-spaced). Against `{reference}` (same optimizer, paired by seed): the ratio of max stable LRs "
             "(t-interval on the paired ln ratios, `*` = excludes 1) and Δ LR sens. (t-interval, `*` = excludes 0), "
             "both 95%. n = seeds with a result at every LR of the grid.", "",
@@ -410,6 +475,9 @@ def summary_markdown(name: str, groups: list[GroupSummary], rows: list[RunRow], 
         if notes:
             lines += [""] + [f"- {n}" for n in notes]
 
+    if specs:
+        lines += metrics_markdown(comparisons, reference, specs)
+
     failed = [r for r in rows if r.status not in DONE]
     if failed:
         lines += ["", "## Runs without a result", ""]
@@ -418,13 +486,75 @@ def summary_markdown(name: str, groups: list[GroupSummary], rows: list[RunRow], 
     return "\n".join(lines) + "\n"
 
 
+def _fmt_value(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4g}"
+
+
+def _fmt_metric(values: dict[int, float], log: bool) -> str:
+    """mean ± sd (linear) or geometric mean ×/÷ geometric sd factor (log) over the seeds' values."""
+    if log:
+        positive = [v for v in values.values() if v > 0]
+        return _fmt_geometric(spread(math.log(v) for v in positive)) if positive else "–"
+    s = spread(values.values())
+    if s.n == 0:
+        return "–"
+    return _fmt_value(s.mean) if s.sd is None else f"{s.mean:.4g} ± {s.sd:.2g}"
+
+
+def describe_metric(spec: MetricSpec) -> str:
+    """'spectrum/gmcn, mean over steps' and the like, for the report."""
+    how = f"first step with value ≤ {spec.threshold:g}" if spec.reduce == "first_step_at_or_below" else spec.reduce
+    where = f" at lr={spec.lr:g}" if spec.lr is not None else ""
+    after = f", from step {spec.after_step}" if spec.after_step else ""
+    return f"`{spec.key}`, {how}{after}{where}" + (f" ({spec.description})" if spec.description else "")
+
+
+def metrics_markdown(comparisons: list[Comparison], reference: str, specs: dict[str, MetricSpec]) -> list[str]:
+    """One table per metric of the ablation: per variant x optimizer the value over seeds and, against the
+    reference variant, the paired difference (linear) or ratio (log scale) with its 95% t-interval."""
+    lines = ["", "## Metrics", "",
+             "Each run's metric history reduced to one number (as described under each metric), read at the row's "
+             "LR unless the metric names one; then over seeds: mean ± sd, or for log-scale metrics the geometric "
+             f"mean ×/÷ geometric sd. Against `{reference}` (same optimizer, paired by seed): Δ with its 95% "
+             "t-interval, or for log-scale metrics the ratio (interval on the paired ln ratios); `*` = the interval "
+             "excludes 0 (ratios: 1). n = seeds with a value; a seed without one (e.g. a threshold never reached) "
+             "is listed."]
+    for name, spec in specs.items():
+        log = spec.scale == "log"
+        lines += ["", f"### `{name}`: {describe_metric(spec)}", "",
+                  f"| variant | optimizer | n | {'value (geometric)' if log else 'value'} | "
+                  f"{'÷ reference' if log else 'Δ vs reference'} | no value |",
+                  "|---|---|---|---|---|---|"]
+        for c in comparisons:
+            g = c.group
+            values = g.metrics_by_seed.get(name, {})
+            if c.is_reference:
+                vs = "reference"
+            elif c.reference is None:
+                vs = "–"
+            else:
+                vs = _fmt_difference(c.metrics.get(name), "+.4g", ratio=log)
+            missing = g.metrics_missing.get(name, [])
+            lines.append(f"| {g.variant} | {g.optimizer} | {len(values)} | {_fmt_metric(values, log)} | {vs} "
+                         f"| {'seed(s) ' + _seed_list(missing) if missing else ''} |")
+    return lines
+
+
 def write_runs_csv(path: Path, rows: list[RunRow]) -> None:
-    fields = list(asdict(rows[0]).keys()) if rows else ["key"]
+    """One line per run; the ablation's metrics as columns ``metric.<name>``."""
+    def flat(r: RunRow) -> dict:
+        d = asdict(r)
+        extra = d.pop("metrics")
+        return {**d, **{f"metric.{k}": v for k, v in extra.items()}}
+
+    names = sorted({k for r in rows for k in r.metrics})
+    fields = [f for f in (list(asdict(rows[0]).keys()) if rows else ["key"]) if f != "metrics"]
+    fields += [f"metric.{k}" for k in names]
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
         writer.writeheader()
         for r in rows:
-            writer.writerow(asdict(r))
+            writer.writerow(flat(r))
 
 
 def _label(g: GroupSummary) -> str:
@@ -490,7 +620,7 @@ def plot_lr_sensitivity(path: Path, groups: list[GroupSummary], initial_loss: fl
         ax.scatter([x for x, _ in crossed], [y for _, y in crossed], marker="x", color=style["color"], s=80,
                    zorder=3)
     if initial_loss is not None:
-        ax.axhline(initial_loss, color="gray", linestyle="--", linewidth=1, label="l0 = ln(vocab)")
+        ax.axhline(initial_loss, color="gray", linestyle="--", linewidth=1, label="l0 (loss at init)")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("final validation loss (mean ± sd over seeds)")
@@ -527,40 +657,117 @@ def plot_spectra(path: Path, mlflow_client, groups: list[GroupSummary], rows: li
     plt.close(fig)
 
 
-def render_ablation(mlflow_client, parent, out_dir: Path) -> Path:
-    """Write summary.md, runs.csv and the PNG plots for an ablation parent run into out_dir."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+def plot_metrics(path: Path, groups: list[GroupSummary], specs: dict[str, MetricSpec]) -> None:
+    """One panel per metric of the ablation: every seed's value as a dot, the mean (geometric for log-scale
+    metrics) as a bar, per variant x optimizer, so the seed spread is visible."""
+    plt = _plt()
+    names = list(specs)
+    cols = min(3, len(names))
+    nrows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.8 * cols, 3.6 * nrows), squeeze=False)
+    labels = [_label(g) for g in groups]
+    for ax, name in zip(axes.flat, names):
+        log = specs[name].scale == "log"
+        for i, g in enumerate(groups):
+            values = [v for v in g.metrics_by_seed.get(name, {}).values() if not log or v > 0]
+            if not values:
+                continue
+            color = _style(g, groups)["color"]
+            centre = math.exp(mean(math.log(v) for v in values)) if log else mean(values)
+            ax.bar(i, centre, color=color, alpha=0.35, width=0.6)
+            ax.scatter([i] * len(values), values, color=color, s=14, zorder=3)
+        ax.set_xticks(range(len(groups)), labels, rotation=45, ha="right", fontsize=6)
+        ax.set_title(f"{name} (dots = seeds)", fontsize=8)
+        if log:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3, axis="y")
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@dataclass
+class AblationReport:
+    """Everything an ablation's report is made of, read back from MLflow."""
+
+    name: str
+    rows: list[RunRow]
+    groups: list[GroupSummary]
+    reference: str | None
+    specs: dict[str, MetricSpec]
+    children: list
+    stable_fraction: float = 0.0
+
+    @property
+    def comparisons(self) -> list[Comparison]:
+        return compare_all(self.groups, self.reference, self.specs)
+
+    def group(self, variant: str, optimizer: str) -> GroupSummary | None:
+        return next((g for g in self.groups if (g.variant, g.optimizer) == (variant, optimizer)), None)
+
+
+def metric_specs(parent) -> dict[str, MetricSpec]:
+    """The ablation's metrics: section, as stored on its parent run (tag ``pcl.metrics``)."""
+    from pc_lightning.config import build
+
+    stored = json.loads(parent.data.tags.get("pcl.metrics", "{}") or "{}")
+    return {name: build(MetricSpec, spec, f"metrics.{name}") for name, spec in stored.items()}
+
+
+def ablation_report(mlflow_client, parent) -> AblationReport:
+    """Rows, groups and statistics of an ablation parent run."""
     name = parent.data.tags["pcl.name"]
-    children = runs.children(mlflow_client, parent)
-    rows = select_runs([run_row(mlflow_client, r) for r in children])
+    specs = metric_specs(parent)
+    # the grid's runs (a shared warm-start run, pcl.key warm_start, is not one of them)
+    children = [r for r in runs.children(mlflow_client, parent) if r.data.tags.get("pcl.key") != "warm_start"]
+    rows = select_runs([run_row(mlflow_client, r, specs) for r in children])
     variants = json.loads(parent.data.tags.get("pcl.variants", "[]")) or sorted({r.variant for r in rows})
     optimizers = json.loads(parent.data.tags.get("pcl.optimizers", "[]")) or sorted({r.optimizer for r in rows})
     rows.sort(key=lambda r: (variants.index(r.variant) if r.variant in variants else len(variants),
                              optimizers.index(r.optimizer) if r.optimizer in optimizers else len(optimizers),
                              r.lr, r.seed))
-    groups = [summarize(v, o, [r for r in rows if (r.variant, r.optimizer) == (v, o)])
+    fraction = float(parent.data.tags.get("pcl.stable_fraction") or 0.0)
+    groups = [summarize(v, o, [r for r in rows if (r.variant, r.optimizer) == (v, o)], specs, fraction)
               for v in variants for o in optimizers if any((r.variant, r.optimizer) == (v, o) for r in rows)]
     reference = parent.data.tags.get("pcl.reference") or (variants[0] if variants else None)
-    (out_dir / "summary.md").write_text(summary_markdown(name, groups, rows, reference))
+    return AblationReport(name, rows, groups, reference, specs, children, fraction)
+
+
+def render_ablation(mlflow_client, parent, out_dir: Path) -> Path:
+    """Write summary.md, runs.csv and the PNG plots for an ablation parent run into out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rep = ablation_report(mlflow_client, parent)
+    groups, rows = rep.groups, rep.rows
+    (out_dir / "summary.md").write_text(summary_markdown(rep.name, groups, rows, rep.reference, rep.specs,
+                                                         rep.stable_fraction))
     write_runs_csv(out_dir / "runs.csv", rows)
     plot_loss_curves(out_dir / "loss_curves.png", mlflow_client, groups, rows)
     if any(g.has_lr_grid for g in groups):
         l0 = next((r.initial_loss for r in rows if r.initial_loss), None)
         plot_lr_sensitivity(out_dir / "lr_sensitivity.png", groups, l0)
-    spectrum_keys = sorted({k for r in children for k in r.data.metrics if k.startswith("spectrum/")})
+    spectrum_keys = sorted({k for r in rep.children for k in r.data.metrics if k.startswith("spectrum/")})
     if spectrum_keys:
         plot_spectra(out_dir / "spectrum.png", mlflow_client, groups, rows, spectrum_keys)
+    if rep.specs:
+        plot_metrics(out_dir / "metrics.png", groups, rep.specs)
     return out_dir
 
 
-def ablation_dir(name: str) -> Path:
-    return tracking.RESULTS_DIR / name
+def ablation_dir(name: str, output: str | None = None) -> Path:
+    """results/<output or name>/ (an ablation file's ``output:`` names another folder under results/)."""
+    return tracking.RESULTS_DIR / (output or name)
+
+
+def parent_dir(parent) -> Path:
+    return ablation_dir(parent.data.tags["pcl.name"], parent.data.tags.get("pcl.output") or None)
 
 
 def publish_ablation(mlflow_client, parent_id: str) -> Path:
     """Render results/<name>/ and attach it to the parent run as artifacts."""
     parent = mlflow_client.get_run(parent_id)
-    out_dir = render_ablation(mlflow_client, parent, ablation_dir(parent.data.tags["pcl.name"]))
+    out_dir = render_ablation(mlflow_client, parent, parent_dir(parent))
     mlflow_client.log_artifacts(parent_id, str(out_dir), artifact_path="report")
     return out_dir
 
@@ -675,7 +882,7 @@ def report(name_or_spec: str, tracking_uri: str | None = None, storage: str | No
     else:
         raise ConfigError("name", f"no ablation or study named '{name}' in {uri}")
     if kind == "ablation":
-        out_dir = render_ablation(mlflow_client, parent, ablation_dir(name))
+        out_dir = render_ablation(mlflow_client, parent, parent_dir(parent))
     else:
         import optuna
 

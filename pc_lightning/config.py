@@ -72,7 +72,7 @@ class TSVDConfig:
     min_rank_fraction: float = 0.01
     max_rank_fraction: float = 1.0
     max_shrink_fraction: float = 0.5  # never drop more than this fraction of the rank at once
-    grow_fraction: float = 0.25  # when every kept direction is needed to reach tau, grow r by this fraction
+    lookahead: bool = True  # rank checks probe the dense gradient (augmented basis + Newton step): rank can grow
     ns_steps: int = 5  # cubic Newton-Schulz steps per refresh (ortho_method: newton_schulz)
 
 
@@ -139,6 +139,7 @@ class OptimConfig:
     lr: float = 3e-3
     weight_decay: float = 0.1  # on matrices (ndim >= 2); norm weights, gains and scalars get none
     decay_pc_gamma: bool = True  # also decay the PC gains gamma, as the PC reference does (it decays everything)
+    decay_tsvd_s: bool = True  # also decay the TSVD singular values s: decaying W = U diag(s) V^T is decaying s
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     warmup_fraction: float = 0.05
@@ -497,7 +498,6 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(ts.refresh_every >= 1, "model.tsvd.refresh_every", "must be >= 1")
     _require(ts.rank_check_every >= 0, "model.tsvd.rank_check_every", "must be >= 0")
     _require(0 < ts.max_shrink_fraction <= 1, "model.tsvd.max_shrink_fraction", "must be in (0, 1]")
-    _require(ts.grow_fraction >= 0, "model.tsvd.grow_fraction", "must be >= 0 (0 = never grow)")
     _require(ts.ns_steps >= 1, "model.tsvd.ns_steps", "must be >= 1")
 
     _require(d.seq_len > 0, "data.seq_len", "must be positive")

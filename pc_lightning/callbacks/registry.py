@@ -42,7 +42,9 @@ def configured_callbacks(cfg: ExperimentConfig, module: L.LightningModule) -> li
 
         callbacks.append(OrthoRefresh(cfg.model.tsvd.refresh_every, cfg.model.tsvd.ortho_method))
         if cfg.model.tsvd.rank_check_every > 0:
-            callbacks.append(RankAdaptation(cfg.model.tsvd))
+            # s is decayed at every inner step of a Gauss-Newton outer step: the dropped values follow suit
+            callbacks.append(RankAdaptation(cfg.model.tsvd,
+                                            cfg.optim.inner_steps if cfg.optim.gauss_newton else 1))
     # --- stability monitors and spike detection ---
     mon = cfg.monitor
     if mon.activation_norms or mon.attn_logits or mon.log_z or mon.embed_std:

@@ -2,7 +2,11 @@
 
 * ``adamw``: ``torch.optim.AdamW``. Parameter groups: weight decay on matrices (``ndim >= 2``) and, with
   ``decay_pc_gamma`` (default, as in the PC reference, which decays every parameter), on the PC layers'
-  gains γ; norms, other gains and scalars get none.
+  gains γ, and with ``decay_tsvd_s`` (default) on the TSVD layers' singular values s; norms, other gains
+  and scalars get none. Why s: the TSVD layer retracts U and V onto orthonormal factors after every step,
+  and the Q of the QR of c·U is the Q of U, so the decay the matrix groups apply to U and V is undone;
+  ‖U diag(s) Vᵀ‖_F = ‖s‖ for orthonormal U, V, so decaying W in Frobenius norm, as a dense layer is
+  decayed, is decaying s (:func:`decayed_vector_names`).
 * ``muon``: ``torch.optim.Muon`` (Keller Jordan 2024: Nesterov momentum, then ``ns_steps`` Newton-Schulz
   iterations that map the update to about U Vᵀ of its SVD, then lr scaled by ``adjust_lr_fn``:
   ``original`` = sqrt(max(1, rows/cols)), ``match_rms_adamw`` = 0.2·sqrt(max(rows, cols)), which gives the
@@ -38,6 +42,24 @@ def pc_gain_names(model: nn.Module) -> frozenset[str]:
 
     return frozenset(f"{name}.gamma" for name, m in model.named_modules()
                      if isinstance(m, PCLinear) and isinstance(m.gamma, nn.Parameter))
+
+
+def tsvd_singular_value_names(model: nn.Module) -> frozenset[str]:
+    """Parameter names of the TSVD layers' singular values s."""
+    from pc_lightning.layers.tsvd_linear import TSVDLinear
+
+    return frozenset(f"{name}.s" for name, m in model.named_modules() if isinstance(m, TSVDLinear))
+
+
+def decayed_vector_names(model: nn.Module, cfg: OptimConfig) -> frozenset[str]:
+    """1-D parameters that get weight decay like the matrices: PC gains γ (``decay_pc_gamma``) and TSVD
+    singular values s (``decay_tsvd_s``)."""
+    names = frozenset()
+    if cfg.decay_pc_gamma:
+        names |= pc_gain_names(model)
+    if cfg.decay_tsvd_s:
+        names |= tsvd_singular_value_names(model)
+    return names
 
 
 def decay_groups(params: NamedParams, weight_decay: float, lr: float,
@@ -106,7 +128,7 @@ def soap(params: NamedParams, cfg: OptimConfig, also_decay: frozenset[str] = fro
 def build_inner_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """The Gauss-Newton inner optimizer over all trainable parameters; every group at ``inner_lr``."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    also_decay = pc_gain_names(model) if cfg.decay_pc_gamma else frozenset()
+    also_decay = decayed_vector_names(model, cfg)
     if cfg.inner_optimizer == "muon":
         return muon(params, cfg, lr=cfg.inner_lr, adamw_lr=cfg.inner_lr, also_decay=also_decay)
     return adamw(params, cfg, lr=cfg.inner_lr, also_decay=also_decay)
@@ -114,7 +136,7 @@ def build_inner_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Opt
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    also_decay = pc_gain_names(model) if cfg.decay_pc_gamma else frozenset()
+    also_decay = decayed_vector_names(model, cfg)
     if cfg.name == "adamw":
         return adamw(params, cfg, also_decay=also_decay)
     if cfg.name == "muon":

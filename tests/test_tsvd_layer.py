@@ -218,9 +218,14 @@ def test_resize_keeps_top_directions_and_loads_into_a_fresh_layer():
     torch.testing.assert_close(layer.effective_weight().detach(),
                                top2.U[:, :2] @ torch.diag(top2.S[:2]) @ top2.Vh[:2], rtol=0, atol=1e-5)
     fresh = TSVDLinear(32, 48, TSVDConfig(init_rank_fraction=0.5))
+    layer.dropped = torch.tensor([0.5, 0.25])  # what the rank rule left out, kept with the layer
     fresh.load_state_dict(layer.state_dict())  # strict, though the fresh layer was built at rank 16
-    assert fresh.rank == 6
+    assert fresh.rank == 6 and fresh.dropped.tolist() == [0.5, 0.25]
     torch.testing.assert_close(fresh.effective_weight(), layer.effective_weight())
+    older = {k: v for k, v in layer.state_dict().items() if k != "dropped"}  # a checkpoint from before it existed
+    fresh = TSVDLinear(32, 48, TSVDConfig(init_rank_fraction=0.5))
+    fresh.load_state_dict(older)
+    assert fresh.rank == 6 and fresh.dropped.numel() == 0
 
 
 def test_optimizer_state_is_gathered_or_reset():

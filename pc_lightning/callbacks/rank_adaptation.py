@@ -158,7 +158,7 @@ def lm_loss(pl_module: L.LightningModule) -> Callable[[torch.Tensor], torch.Tens
 
 def measure_lookahead(layers: Layers, loss_of: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor,
                       reduce: Reduce = lambda t: t, seed: int = 0) -> tuple[float, dict[str, Lookahead]]:
-    """(Newton step t, {layer: lookahead values and directions}); steps 1-5 of the module docstring."""
+    """(line-search step t, {layer: lookahead values and directions}); steps 1-5 of the module docstring."""
     half_a, half_b = split_rows(batch)
     by_name = dict(layers)
 

@@ -10,11 +10,13 @@ so a token costs r(m + n) multiply-adds instead of m·n, and |s| *are* W's singu
 What the paper does (as far as we could read it): every weight matrix is kept in truncated-SVD form for
 the whole of pre-training; U and V are kept *strictly* orthonormal, and the orthonormalisation is cached
 so that it is not recomputed on every access; the rank of each layer is adapted during training by a
-spectral-energy rule (keep the smallest r with Σ_{i≤r} s_i² ≥ τ Σ_i s_i²,
-:mod:`pc_lightning.layers.energy_rank`). Only the paper's abstract and introduction were retrievable from
-the stored copies available to us, not its method section; the exact recipe below (retraction, refresh
-schedule, growth rule, optimizer-state handling) follows DESIGN.md section 4 and is *ours*: treat every
-detail that is not in the paragraph above as a possible deviation from the paper.
+spectral-energy rule (keep the smallest r with Σ_{i≤r} s_i² ≥ τ Σ_i s_i²). Only the paper's abstract and
+introduction were retrievable from the stored copies available to us, not its method section; the exact
+recipe below and in the callbacks (retraction, refresh schedule, the rank rule with its memory of dropped
+values and its augmented-basis lookahead, :mod:`pc_lightning.layers.energy_rank`,
+:mod:`pc_lightning.layers.lookahead`, optimizer-state handling, weight decay of s) follows DESIGN.md
+section 4 and is *ours*: treat every detail that is not in the paragraph above as a possible deviation from
+the paper.
 
 How orthonormality and gradients are reconciled here:
 
@@ -35,11 +37,15 @@ How orthonormality and gradients are reconciled here:
   gradient), so it cannot carry an orthonormal factor across optimizer steps; and differentiating through
   QR every step is what the caching is meant to avoid.
 * ``s`` is a plain parameter (it may change sign: |s| are the singular values). Weight decay of the matrix
-  parameter groups hits ``U``/``V``, where the retraction removes it (QR of c·U has the same Q), so in
-  effect the factored layer is not weight-decayed: ``s`` is 1-D and gets none (optim/factory.py).
+  parameter groups hits ``U``/``V``, where the retraction removes it (QR of c·U has the same Q); what decays
+  the layer is the decay of ``s`` (``optim.decay_tsvd_s``, default on, optim/factory.py): ‖W‖_F = ‖s‖, so
+  decaying s is decaying W in Frobenius norm, as a dense layer is decayed.
+* ``dropped`` (buffer): the singular values the rank rule left out at earlier checks, which it keeps counting
+  (:func:`pc_lightning.layers.energy_rank.next_rank`); its length changes with them.
 * Persistence: the caches are persistent buffers, so a checkpoint resumes with exactly the factors the
   forward used. Loading a state dict whose rank differs from this layer's resizes the layer first
-  (:meth:`_load_from_state_dict`), so checkpoints written after a rank change load into a fresh model.
+  (:meth:`_load_from_state_dict`), so checkpoints written after a rank change load into a fresh model (one
+  written before ``dropped`` existed loads with none).
 * Dense conversion: :meth:`effective_weight` returns U_ortho·diag(s)·V_orthoᵀ in fp32, exactly the map the
   forward applies; the generic merge (``pc_lightning.merge``) writes it into a plain linear layer.
 

@@ -8,7 +8,7 @@ Applied to the layer's own r singular values at every check, this rule only ever
 layer's subspace, and it forgets what it cut before. :func:`next_rank` applies τ instead to an estimate of the
 spectrum of the matrix the layer stands for:
 
-    spectrum = inside ∪ max(outside, dropped)
+    spectrum = inside ∪ max(outside, dropped)     (the layer can hold only inside and outside ones)
 
 * ``inside``: the layer's r singular values after the lookahead step (:mod:`pc_lightning.layers.lookahead`;
   just |s| without one);
@@ -18,12 +18,15 @@ spectrum of the matrix the layer stands for:
   and decayed as the optimizer decays s. The element-wise maximum with ``outside`` (both sorted) counts a
   direction that the loss pulls back once, not twice.
 
-The new rank is energy_rank(spectrum, τ), moved at most ``max_shrink_fraction`` of r down (OIALR / DLRT
-practice) and at most k up (the augmented core's size: growth needs the new directions), within
-[r_min, r_max]. What it leaves out becomes the new ``dropped`` (at most min(m, n) − rank values). So the rule
-is idempotent: a layer whose spectrum does not change keeps its rank, instead of losing (1 − τ) of its energy
-at every check; it shrinks when its own spectrum concentrates or the dropped energy decays away, and grows when
-the step puts more than (1 − τ) of the energy outside.
+The layer then holds the largest inside and outside values that together reach τ of the spectrum's energy (the
+dropped values count in the total but have no direction to hold): moved at most ``max_shrink_fraction`` of r
+down (OIALR / DLRT practice) and at most k up (the augmented core's size), within [r_min, r_max]. A strong
+outside direction may also replace a weak inside one (the truncation of DLRT's augmented core does the same),
+if larger by more than a factor 2 − τ; growth takes only outside directions worth at least the weakest kept
+inside one / (2 − τ). What the layer leaves out becomes the new ``dropped`` (at most min(m, n) − rank values).
+So the rule is idempotent: a layer whose spectrum does not change keeps its rank, instead of losing (1 − τ) of
+its energy at every check; it shrinks when its own spectrum concentrates or the dropped energy decays away, and
+grows when the lookahead puts more than (1 − τ) of the energy in directions worth a slot.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ def merge_outside(outside: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
 
 class RankDecision(NamedTuple):
     rank: int  # the new rank = keep + (rank − keep) new directions
-    keep: int  # how many of the layer's directions stay (those with the largest |s|)
+    keep: int  # how many of the layer's directions stay (the largest after the lookahead step, or |s|)
     dropped: torch.Tensor  # the values left out, descending: the layer's new ``dropped``
 
 
@@ -69,26 +72,36 @@ def next_rank(inside: torch.Tensor, outside: torch.Tensor, dropped: torch.Tensor
               r_max: int, max_shrink_fraction: float, full: int) -> RankDecision:
     """The rank a layer of rank len(inside) and min(m, n) = ``full`` moves to; see the module docstring.
 
-    The layer ends up holding the top ``rank`` values of the spectrum: the inside ones among them stay (at least
-    r·(1 − max_shrink_fraction) of them), the outside ones among them come in as new directions (at most
-    len(outside): with no lookahead the layer cannot grow)."""
-    current, new_dirs = inside.numel(), outside.numel()
-    inside, beyond = sorted_desc(inside), merge_outside(outside, dropped).to(inside.device)
-    spectrum = torch.sort(torch.cat([inside, beyond]), descending=True).values
-    rank = energy_rank(spectrum, tau) if spectrum.numel() else current
-    floor = math.ceil(current * (1.0 - max_shrink_fraction))
-    rank = min(max(rank, floor, r_min), r_max, full, current + new_dirs)
-    # of the top `rank` values, how many are inside; the layer's own directions rank (2 − τ)× higher here: an
-    # outside value replaces an inside one only if larger by more than the energy rule's tolerance, so nearly
-    # equal directions do not take turns (each turn would drop a trained direction for an untrained one)
-    if rank and beyond.numel():
-        incumbent = inside * (2.0 - tau)
-        cut = torch.sort(torch.cat([incumbent, beyond]), descending=True).values[rank - 1]
-        inside_top = int((incumbent >= cut).sum())
-    else:
-        inside_top = min(rank, current)
-    keep = min(max(inside_top, floor, rank - new_dirs), current, rank)
-    add = rank - keep
+    The candidates are the layer's own directions (``inside``, counted (2 − τ)× higher in the order: an outside
+    value must beat an inside one by more than the energy rule's tolerance to displace it, so nearly equal
+    directions do not take turns, each turn dropping a trained direction for an untrained one), the
+    lookahead's (``outside``) and the dropped values (the part of max(outside, dropped) that the lookahead
+    does not explain). They are taken in order of score until τ of the total energy is held; a dropped value
+    taken holds energy but no direction (the layer cannot hold it again), so an inside direction clearly
+    weaker than a value dropped before goes as well. At least r·(1 − max_shrink_fraction) (and r_min) of the
+    layer's directions stay; an outside direction that raises the rank, rather than replacing an inside one,
+    comes in only if worth at least the weakest kept inside one / (2 − τ)."""
+    current, margin, device = inside.numel(), 2.0 - tau, inside.device
+    inside, outside = sorted_desc(inside), sorted_desc(outside).to(device)
+    beyond = merge_outside(outside, dropped).to(device)  # a direction the loss pulls back counts once
+    padded = torch.cat([outside, outside.new_zeros(beyond.numel() - outside.numel())])
+    phantom = (beyond.square() - padded.square()).clamp_min(0).sqrt()  # dropped energy the lookahead lacks
+    kind = torch.cat([torch.zeros(current), torch.ones(outside.numel()), torch.full((phantom.numel(),), 2.0)])
+    values = torch.cat([inside, outside, phantom])
+    score = torch.cat([inside * margin, outside, phantom])
+    order = torch.sort(score, descending=True, stable=True).indices
+    held = torch.cumsum(values[order].square(), dim=0)
+    total = float(held[-1]) if held.numel() else 0.0
+    taken = int((held < tau * total).sum()) + 1 if total > 0 else values.numel()
+    chosen = kind[order[:taken]].to(device)
+    floor = max(math.ceil(current * (1.0 - max_shrink_fraction)), min(r_min, current))
+    keep = min(max(int((chosen == 0).sum()), floor), current, r_max)
+    room = max(min(r_max, full) - keep, 0)
+    add = min(int((chosen == 1).sum()), room)
+    swaps = min(add, max(current - keep, 0))  # outside directions in place of inside ones: they won on score
+    smallest_kept = float(inside[keep - 1]) if keep else 0.0
+    add = swaps + int((outside[swaps:add] * margin >= smallest_kept).sum())  # growth: only what is worth a slot
+    rank = keep + add
     left_out = torch.cat([inside[keep:], beyond[add:]])
     left_out = torch.sort(left_out, descending=True).values[: max(full - rank, 0)]
     return RankDecision(rank, keep, left_out[left_out > 0])

@@ -107,6 +107,23 @@ def test_next_rank_grows_swaps_and_respects_limits():
     assert next_rank(torch.ones(19), torch.ones(1), torch.ones(1), 0.95, 1, 40, 0.5, 40).rank == 19
 
 
+def test_dropped_values_hold_energy_but_no_direction():
+    """What was dropped stops further cuts of equal directions, but it neither keeps a dead direction alive nor
+    makes room for a direction the loss barely asks for."""
+    none = torch.zeros(0)
+    # 60 live directions, one dead (a direction grown earlier that the loss no longer asks for), 3 dropped
+    inside = torch.cat([torch.ones(60), torch.zeros(1)])
+    rank, keep, _ = next_rank(inside, torch.full((8,), 1e-3), torch.ones(3), 0.95, 1, 128, 0.5, 128)
+    assert (rank, keep) == (60, 60)
+    # a live direction clearly weaker than a value dropped before goes too
+    inside = torch.cat([torch.ones(60), torch.tensor([0.5])])
+    assert next_rank(inside, none, torch.ones(3), 0.95, 1, 128, 0.5, 128)[:2] == (60, 60)
+    # a lot of dropped energy (the layer's own values decayed faster) does not pull in negligible directions
+    rank, keep, _ = next_rank(torch.ones(20), torch.full((20,), 0.01), torch.full((10,), 1.0), 0.95, 1, 128, 0.5,
+                              128)
+    assert (rank, keep) == (20, 20)
+
+
 # ---------------------------------------------------------------------------------------- the lookahead
 def test_lookahead_of_a_quadratic_is_the_newton_step_to_the_target():
     """Whitened probe: G = W − T, curvature I, so the measured step is 1 and the outside values are the target's
@@ -167,6 +184,7 @@ def test_ranks_stay_within_bounds(tau, rank, target_rank):
     assert ranks[-1] == (12 if target_rank == 1 else 32 if target_rank == 64 else ranks[-1])
 
 
+@pytest.mark.slow  # ~20-90 s
 def test_rank_does_not_collapse_while_training_at_its_energy_rank():
     """(d) the same with training and the lookahead: a rank-64 layer of a 128 × 128 least-squares problem whose
     target's energy rank is 64 stays near 64 over 25 checks (the old rule ended below 20)."""
@@ -209,3 +227,19 @@ def test_line_search_finds_the_minimum_of_a_parabola(minimum):
     assert len(calls) <= 4 + math.log2(10.0 / minimum)  # stops once the loss rises again
     assert line_search(lambda t: -t, 10.0) == 10.0  # never beyond the longest step
     assert line_search(lambda t: t, 10.0) == 0.0  # no step lowers the loss
+
+
+def test_randomised_top_singular_pairs_match_the_exact_ones():
+    """Above EXACT_SVD_MAX the normal block's top pairs come from a seeded range finder (same on every process)."""
+    from pc_lightning.layers.lookahead import EXACT_SVD_MAX, top_singular_pairs
+
+    m, n, k = EXACT_SVD_MAX + 44, EXACT_SVD_MAX + 144, 12
+    g = torch.Generator().manual_seed(0)
+    sigma = torch.cat([torch.linspace(10.0, 5.0, k), 0.01 * torch.ones(m - k)])
+    u = torch.linalg.qr(torch.randn(m, m, generator=g)).Q
+    v = torch.linalg.qr(torch.randn(n, m, generator=g)).Q
+    a = u @ torch.diag(sigma) @ v.T
+    left, right = top_singular_pairs(a, k, seed=3)
+    torch.testing.assert_close(torch.diagonal(left.T @ a @ right), sigma[:k], rtol=1e-4, atol=1e-4)
+    again = top_singular_pairs(a, k, seed=3)
+    assert torch.equal(left, again[0]) and torch.equal(right, again[1])

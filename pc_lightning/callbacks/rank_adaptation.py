@@ -31,7 +31,7 @@ interval, which would need it at every step). The energy rule compares values wi
 the step must have W's units: a step of the learning rate's size puts ~nothing outside (the rule would erode
 as before), and Adam's and Muon's normalised updates have no length in W's units either. The line-search
 minimum along D is the loss's own answer to "how far would the dense matrix move there", independent of the
-optimizer, its learning rate and schedule. In the 2-core-CPU tiny model it is small (t ≈ 0.05, outside
+optimizer, its learning rate and schedule. In the tiny CPU model it is small (t ≈ 0.02-0.06, outside
 energies ≲ 1% of a layer's), so growth there comes only where the loss pulls hard; the dropped-energy
 memory is what stops the erosion.
 

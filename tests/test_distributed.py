@@ -134,14 +134,15 @@ def test_two_ranks_match_one_process(case, prepared_cache, tmp_path):
 
 @pytest.mark.slow
 def test_tsvd_rank_growth_under_ddp_keeps_ranks_identical(prepared_cache, tmp_path):
-    """A grown layer gets random new directions; after the DDP wrapper is rebuilt (which broadcasts rank 0's
-    parameters and buffers) both ranks hold identical parameters and training goes on with finite losses."""
+    """Layers grown by the lookahead get new directions (computed on every rank from the averaged gradients);
+    after the DDP wrapper is rebuilt (which broadcasts rank 0's parameters and buffers) both ranks hold identical
+    parameters and ranks, and training goes on with finite losses."""
     ranks = launch(tmp_path / "multi", 2, tiny(prepared_cache, **{
         "model.linear": "tsvd", "model.tsvd.rank_check_every": 2, "model.tsvd.energy_threshold": 1.0,
         "trainer.max_steps": 4, "data.batch_size": 4, "trainer.strategy": "ddp"}))
-    trajectory = [r["model.blocks.0.attn.q"] for r in ranks[0]["ranks"]]
-    assert trajectory == [r["model.blocks.0.attn.q"] for r in ranks[1]["ranks"]]
-    assert trajectory[0] == 16 and trajectory[1] == trajectory[2] > 16  # grown at step 2 by the lookahead
+    assert ranks[0]["ranks"] == ranks[1]["ranks"]
+    before, after = ranks[0]["ranks"][0], ranks[0]["ranks"][1]
+    assert any(after[name] > before[name] for name in before)  # the lookahead grew layers at step 2 (attn.o, v)
     assert all(math.isfinite(x) for r in ranks for x in r["losses"])
     assert_same_on_every_rank(ranks)
 

@@ -34,8 +34,11 @@ import time
 
 import torch
 
-from pc_lightning.callbacks.pc_step import PCStep, pc_layers
+from pc_lightning.callbacks.pc_step import PCStep
 from pc_lightning.config import ModelConfig, PCConfig, TSVDConfig
+from pc_lightning.layers import iter_layers
+from pc_lightning.layers.pc_linear import PCLinear
+from pc_lightning.layers.tsvd_linear import refresh_all
 from pc_lightning.merge import merge_model
 from pc_lightning.model import Llama, count_parameters
 from timing import setup, tokens_per_second, write_report  # bench/timing.py (this folder is on sys.path)
@@ -69,11 +72,9 @@ def variants(shape: dict, with_pc: bool = True) -> dict[str, ModelConfig]:
 def step_hooks(model: Llama, cfg: ModelConfig, bf16: bool):
     """(before the first micro-batch, after the last backward, after the optimizer step) for this linear kind."""
     if cfg.linear == "pc":
-        pc = PCStep(cfg.pc.bf16_matmuls, layers=pc_layers(model))
+        pc = PCStep(cfg.pc.bf16_matmuls, layers=[layer for _, layer in iter_layers(model, PCLinear)])
         return (lambda: pc.begin_step(bf16)), pc.end_step, (lambda: None)
     if cfg.linear == "tsvd":
-        from pc_lightning.callbacks.ortho_refresh import refresh_all
-
         return (lambda: None), (lambda: None), (lambda: refresh_all(model, cfg.tsvd.ortho_method))
     return (lambda: None), (lambda: None), (lambda: None)
 

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # step on one CPU thread, 60 s for the first eigh). At paper scale the vocabulary (32000+) exceeds
 # max_precond_dim and stays unrotated; max_precond_dim=1024 keeps that regime here.
 PRESETS = {"adamw": ("baseline.yaml", []), "muon": ("muon.yaml", []),
-           "soap": ("soap.yaml", ["optim.max_precond_dim=1024"]),
+           "soap": ("soap.yaml", ["optim.soap.max_precond_dim=1024"]),
            "gn": ("gn.yaml", []), "gn_layerwise": ("gn.yaml", ["optim.name=gn_layerwise"])}
 SMOOTH = 5  # trailing window (steps) of the training loss used for the target
 
@@ -94,7 +94,7 @@ def run_one(name: str, args: argparse.Namespace, workdir: Path) -> dict:
     result = train(cfg, extra_callbacks=[recorder], quiet=True)
     return {"name": name, "status": result.status, "steps": result.step, "tokens_per_step": tokens_per_step,
             "val_loss": result.metrics.get("val/loss"), "wall": time.perf_counter() - start,
-            "lr": cfg.optim.inner_lr if name.startswith("gn") else cfg.optim.lr, "rows": recorder.rows}
+            "lr": cfg.optim.gn.inner_lr if name.startswith("gn") else cfg.optim.lr, "rows": recorder.rows}
 
 
 def summarise(runs: list[dict]) -> tuple[float, list[dict]]:

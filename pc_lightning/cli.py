@@ -3,6 +3,7 @@
     pcl train   --config conf/experiment/baseline.yaml [key.path=value ...] [--resume last|CKPT]
     pcl prepare --config ...            prepare (tokenize and cache) the data only
     pcl merge   CKPT [--out DIR]        PC/TSVD checkpoint -> plain dense checkpoint (+ HF Llama export)
+    pcl eval    CKPT --tasks t1,t2      lm-evaluation-harness tasks on a checkpoint -> table + JSON results
     pcl sweep   sweeps/NAME.yaml [--workers N] [--storage URL] [--worker-index I]
     pcl ablate  conf/ablation/NAME.yaml
     pcl report  NAME                    re-render an ablation's or study's summary from MLflow/Optuna
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pc_lightning.checkpoint_file import CheckpointError
 from pc_lightning.config import ConfigError, describe_keys, load_config
 
 OVERRIDES_HELP = (
@@ -55,6 +57,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: <checkpoint dir>/merged)")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face Llama export")
 
+    p = sub.add_parser("eval", help="evaluate a checkpoint on lm-evaluation-harness tasks",
+                       description="Score a checkpoint of pcl train or pcl merge (any linear kind) on "
+                                   "lm-evaluation-harness tasks with the suite's own model and tokenizer; print the "
+                                   "harness's results table and write its JSON results. Needs pip install -e '.[eval]'.")
+    p.add_argument("checkpoint", help="a checkpoint written by pcl train (last.ckpt, ...) or pcl merge (merged.ckpt)")
+    p.add_argument("--tasks", required=True,
+                   help="comma-separated harness task/group names (e.g. hellaswag,arc_easy) or local task names")
+    p.add_argument("--limit", type=int, help="at most this many examples per task (default: all)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward (default 16)")
+    p.add_argument("--include-path", help="directory of local task YAMLs (the harness's task format)")
+    p.add_argument("--out", help="JSON results file (default: <checkpoint dir>/<checkpoint name>.eval.json)")
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--tokenizer", help="tokenizer.json to use (default: the data cache entry of the checkpoint's "
+                                       "data.* config)")
+
     p = sub.add_parser("sweep", help="run (or resume, or join) an Optuna study declared in YAML")
     p.add_argument("spec", help="sweep file, e.g. sweeps/pc_degree_lr.yaml")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes on this machine")
@@ -90,10 +107,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a config error or an unusable checkpoint is one ``pcl: ...`` line on stderr, exit code 2."""
     args = parse_args(argv)
     try:
         return _dispatch(args)
-    except ConfigError as e:
+    except (ConfigError, CheckpointError) as e:
         print(f"pcl: {e}", file=sys.stderr)
         return 2
 
@@ -109,16 +127,17 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             return 0
         from pc_lightning.distributed import exit_follower, leave_together
+        from pc_lightning.tracked_run import RunStatus
         from pc_lightning.train import train
 
         result = train(cfg, resume=args.resume)
-        code = 3 if result.status == "diverged" else 0
+        code = 3 if result.status == RunStatus.DIVERGED else 0
         if not result.run_id:  # a rank other than 0 of a multi-process run: rank 0 reports
             leave_together()
             exit_follower(code)
         print(f"run {result.run_id}: {result.status} at step {result.step}; "
               f"val/loss={result.metrics.get('val/loss', float('nan')):.4f}; checkpoints in {result.checkpoint_dir}")
-        if result.status == "diverged":
+        if result.status == RunStatus.DIVERGED:
             print(f"pcl: {result.message}", file=sys.stderr)
         leave_together()
         return code
@@ -136,6 +155,26 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         out = merge_checkpoint(args.checkpoint, args.out, hf_export=not args.no_hf)
         print(f"merged model written to {out}")
+        return 0
+    if args.command == "eval":
+        from pc_lightning.evaluation.downstream import evaluate_checkpoint, results_table
+
+        import importlib.util
+
+        if importlib.util.find_spec("lm_eval") is None:
+            raise ConfigError("eval", "needs lm-evaluation-harness: pip install -e '.[eval]'")
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        if not tasks:
+            raise ConfigError("--tasks", "name at least one task")
+        if args.limit is not None and args.limit < 1:
+            raise ConfigError("--limit", "must be >= 1")
+        if args.batch_size < 1:
+            raise ConfigError("--batch-size", "must be >= 1")
+        results, out = evaluate_checkpoint(args.checkpoint, tasks, limit=args.limit, batch_size=args.batch_size,
+                                           include_path=args.include_path, out=args.out, device=args.device,
+                                           tokenizer=args.tokenizer)
+        print(results_table(results))
+        print(f"results written to {out}")
         return 0
     if args.command == "sweep":
         from pc_lightning.sweep.study import run_sweep

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch import nn
 
+from pc_lightning.checkpoint_file import open_checkpoint
 from pc_lightning.config import ModelConfig
+from pc_lightning.layers import iter_layers
 from pc_lightning.model import Llama
 from pc_lightning.modules.pretrain import PretrainModule
 
@@ -37,15 +38,10 @@ MERGE_TOLERANCE = 1e-5  # max relative logit difference, merged vs original, fp3
 HF_TOLERANCE = 1e-4  # max relative logit difference, HF export vs merged, fp32
 
 
-def block_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, layer) of every matrix make_linear built (every linear kind carries ``.role``)."""
-    return [(name, m) for name, m in model.named_modules() if getattr(m, "role", None) is not None]
-
-
 @torch.no_grad()
 def merged_state_dict(model: Llama) -> dict[str, torch.Tensor]:
     """The model's state dict with each block linear replaced by ``<name>.weight`` = its effective weight."""
-    layers = block_linears(model)
+    layers = iter_layers(model)
     prefixes = tuple(f"{name}." for name, _ in layers)
     state = {k: v.detach().float().clone() for k, v in model.state_dict().items() if not k.startswith(prefixes)}
     for name, layer in layers:
@@ -166,9 +162,11 @@ def merge_module(module: PretrainModule, out_dir: str | Path, hf_export: bool = 
 def merge_checkpoint(ckpt_path: str | Path, out_dir: str | Path | None = None, hf_export: bool = True) -> Path:
     """PC/TSVD (or dense) training checkpoint -> ``out_dir/merged.ckpt`` (+ ``out_dir/hf/``); returns out_dir.
 
-    ``out_dir`` defaults to ``<checkpoint dir>/merged``.
+    ``out_dir`` defaults to ``<checkpoint dir>/merged``. A missing, truncated or foreign file raises
+    :class:`~pc_lightning.checkpoint_file.CheckpointError`.
     """
     ckpt_path = Path(ckpt_path)
+    open_checkpoint(ckpt_path, required=("state_dict", "hyper_parameters"))  # a bad file: one CheckpointError naming it
     module = PretrainModule.load_from_checkpoint(ckpt_path, map_location="cpu")
     out = Path(out_dir) if out_dir is not None else ckpt_path.parent / "merged"
     return merge_module(module, out, hf_export=hf_export, source=str(ckpt_path.resolve()))

@@ -1,18 +1,22 @@
 """One training run: config -> data -> model -> Lightning Trainer -> MLflow run -> :class:`RunResult`.
 
-Used by ``pcl train`` and by sweeps/ablations (which pass a parent run id and extra callbacks).
-Whatever happens, the MLflow run ends finished, FAILED (exception or divergence; a diverged run also gets
-the tag ``status=diverged``) or KILLED (Ctrl-C), with its metrics so far, and ``last.ckpt`` is written so
-that ``pcl train --config ... --resume last`` continues the same MLflow run.
+Used by ``pcl train`` and by sweeps/ablations (which pass a parent run id and extra callbacks). The MLflow run
+is created (or, on ``--resume``, reopened) before anything else and closed however the run ends, with its
+metrics so far (:class:`~pc_lightning.tracked_run.TrackedRun`: finished, diverged, failed, killed or pruned),
+and ``last.ckpt`` is written so that ``pcl train --config ... --resume last`` continues the same MLflow run.
+
+The pieces, each also used on its own: :func:`open_run` (the MLflow run), :func:`build_module` (model and
+data), :func:`build_trainer` (the Lightning Trainer with its callbacks; the multi-process tests build theirs
+here too).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,26 +26,33 @@ import torch
 import yaml
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.loggers import Logger, MLFlowLogger
 from lightning.pytorch.loggers.logger import DummyLogger
+from lightning.pytorch.strategies import Strategy
 
 from pc_lightning import tracking
+from pc_lightning.atomic_checkpoint import AtomicCheckpointIO
+from pc_lightning.checkpoint_file import CheckpointError, open_checkpoint
 from pc_lightning.config import (ConfigError, ExperimentConfig, batches_per_step, flatten, save_yaml, steps_for_budget,
                                  to_dict)
+from pc_lightning.data.corpus import check_data_files
 from pc_lightning.data.datamodule import PretrainDataModule
 from pc_lightning.data.prepare import prepare
 from pc_lightning.distributed import lightning_strategy
+from pc_lightning.init_from import check_initial_checkpoint, load_initial_weights
+from pc_lightning.callbacks.registry import configured_callbacks
 from pc_lightning.callbacks.run_metadata import MlflowRunInCheckpoint
 from pc_lightning.callbacks.throughput import TokenThroughput
 from pc_lightning.model import count_parameters, flops_per_token
 from pc_lightning.modules.gauss_newton import GaussNewtonDataModule, GaussNewtonModule
 from pc_lightning.modules.pretrain import Diverged, PretrainModule
+from pc_lightning.tracked_run import RunStatus, TrackedRun
 
 
 @dataclass
 class RunResult:
-    run_id: str
-    status: str  # finished | diverged | failed | killed
+    run_id: str  # "" on ranks other than 0
+    status: RunStatus  # finished | diverged (other endings raise)
     step: int
     metrics: dict[str, float] = field(default_factory=dict)
     checkpoint_dir: str | None = None
@@ -77,6 +88,9 @@ def resolve_vocab(cfg: ExperimentConfig, tokenizer_vocab: int) -> None:
                                               f"({tokenizer_vocab}); leave it unset to use the tokenizer's")
 
 
+RESUMABLE = ("state_dict", "optimizer_states", "loops")  # what Lightning restores a run from
+
+
 def find_checkpoint(cfg: ExperimentConfig, resume: str) -> Path:
     if resume != "last":
         path = Path(resume)
@@ -90,135 +104,161 @@ def find_checkpoint(cfg: ExperimentConfig, resume: str) -> Path:
     return candidates[-1]
 
 
-def build_callbacks(cfg: ExperimentConfig, module: PretrainModule) -> list[L.Callback]:
-    """The callbacks every run gets, plus those the config switches on (monitors, spikes, PC, TSVD)."""
-    from pc_lightning.callbacks.registry import configured_callbacks
-
-    return configured_callbacks(cfg, module)
+def tokens_per_step(cfg: ExperimentConfig, world: int) -> int:
+    return cfg.data.batch_size * cfg.data.seq_len * batches_per_step(cfg) * world
 
 
 def train(cfg: ExperimentConfig, resume: str | None = None, extra_callbacks: list[L.Callback] | None = None,
-          quiet: bool = False) -> RunResult:
+          quiet: bool = False, strategy: str | Strategy | None = None) -> RunResult:
+    """Train ``cfg``; ``strategy`` replaces :func:`lightning_strategy` (see :func:`build_trainer`)."""
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
 
-    # Data first: the tokenizer fixes the vocabulary, which the config check needs before the model exists.
-    prepared = prepare(cfg.data)
-    resolve_vocab(cfg, prepared.vocab_size)
-
     ckpt_path = find_checkpoint(cfg, resume) if resume else None
-    run_id = None
-    if ckpt_path is not None:
-        run_id = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("mlflow_run_id")
-
-    world = world_size(cfg)
-    total_steps = steps_for_budget(cfg, world)
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * batches_per_step(cfg) * world
-
+    # Inputs named on the command line are checked before anything is recorded: a checkpoint that cannot be read
+    # (or, for trainer.init_from, holds another model) or local data files that do not exist stop the run before
+    # an MLflow run exists.
+    resume_checkpoint = open_checkpoint(ckpt_path, required=RESUMABLE) if ckpt_path is not None else None
+    init_from = cfg.trainer.init_from if ckpt_path is None else None  # a resume continues from its own weights
+    initial_state = check_initial_checkpoint(cfg, init_from) if init_from else None
+    if cfg.data.source != "bible":
+        check_data_files(cfg.data)  # local data files that do not exist: one line, no run recorded
     # Multi-process runs (torchrun, srun, Lightning's own launcher) start this function on every rank. Only
     # global rank 0 talks to MLflow; the others log nowhere (opening the SQLite store from every rank at once
     # races on its schema creation). The checkpoint directory named after rank 0's run id reaches the other
     # ranks through ModelCheckpoint, which broadcasts its dirpath from rank 0 in setup().
-    lead = rank_zero_only.rank == 0
-    uri = tracking.tracking_uri(cfg.tracking)
-    mlflow_client = None
-    if lead:
-        tracking.ensure_results_dir(uri)
-        mlflow_client = tracking.client(uri)
-        tracking.get_or_create_experiment(mlflow_client, cfg.tracking.experiment, uri)
-        tags = dict(cfg.tracking.tags)
-        tags["pcl.name"] = cfg.name
-        if cfg.tracking.parent_run_id:
-            tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
-        logger = MLFlowLogger(experiment_name=cfg.tracking.experiment, run_name=cfg.tracking.run_name or cfg.name,
-                              tracking_uri=uri, tags=tags, run_id=run_id,
-                              artifact_location=tracking.artifact_location(uri))
-    else:
-        logger, run_id = DummyLogger(), None
-
-    gauss_newton = cfg.optim.gauss_newton  # manual optimisation, stacked batches
-    module = (GaussNewtonModule if gauss_newton else PretrainModule)(to_dict(cfg), total_steps=total_steps)
-    datamodule = (GaussNewtonDataModule if gauss_newton else PretrainDataModule)(
-        cfg.data, seed=cfg.trainer.seed, max_steps=total_steps, accumulate=batches_per_step(cfg))
-    datamodule.prepared = prepared
-
-    if lead:
-        run_id = logger.run_id  # creates the MLflow run (or reopens the resumed one)
-    with _closed_on_exit(mlflow_client, run_id):
-        if lead and ckpt_path is not None:
-            mlflow_client.update_run(run_id, status="RUNNING")
-            _log_resume(mlflow_client, run_id, cfg, ckpt_path)
-        elif lead:
-            _log_config(logger, cfg, prepared, module, total_steps, tokens_per_step)
-        trainer, checkpoint, throughput = _trainer(cfg, logger, module, run_id, ckpt_path, world, total_steps,
-                                                   tokens_per_step, extra_callbacks, quiet)
-        status, message = "finished", ""
+    run = open_run(cfg, resume_checkpoint, init_from) if rank_zero_only.rank == 0 else None
+    with run or contextlib.nullcontext():  # closes the run however this ends (pc_lightning.tracked_run)
+        # Data first: the tokenizer fixes the vocabulary, which the config check needs before the model exists.
+        prepared = prepare(cfg.data)
+        resolve_vocab(cfg, prepared.vocab_size)
+        world = world_size(cfg)
+        total_steps = steps_for_budget(cfg, world)
+        module, datamodule = build_module(cfg, prepared, total_steps)
+        if initial_state is not None:
+            load_initial_weights(module.model, initial_state, init_from)
+        if run is None:
+            logger = DummyLogger()
+        else:
+            logger = run.logger(experiment_name=cfg.tracking.experiment,
+                                tracking_uri=tracking.tracking_uri(cfg.tracking))
+            if run.reopened:
+                _log_resume(run.client, run.run_id, cfg, ckpt_path)
+            else:
+                _log_config(logger, cfg, prepared, module, total_steps, tokens_per_step(cfg, world))
+        ckpt_dir = ckpt_path.parent if ckpt_path is not None else \
+            Path(cfg.trainer.checkpoint_dir) / cfg.name / (run.run_id if run else "run")
+        trainer = build_trainer(cfg, module, logger, ckpt_dir, extra_callbacks, quiet=quiet, strategy=strategy)
+        status, message = RunStatus.FINISHED, ""
         try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+            with _mismatch_reported(ckpt_path, run):
+                trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
             if not math.isfinite(float(trainer.callback_metrics.get("val/loss", 0.0))):
-                status, message = "diverged", "validation loss is not finite"
+                status, message = RunStatus.DIVERGED, "validation loss is not finite"
         except Diverged as e:
-            status, message = "diverged", str(e)
+            status, message = RunStatus.DIVERGED, str(e)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        throughput = next(c for c in trainer.callbacks if isinstance(c, TokenThroughput))
         if throughput.last_tokens_per_sec is not None:
             metrics["perf/tokens_per_sec"] = throughput.last_tokens_per_sec
-        if run_id:
-            mlflow_client.set_tag(run_id, "status", status)
-            if status == "diverged":
-                mlflow_client.set_tag(run_id, "diverged_message", message)
-                mlflow_client.set_terminated(run_id, "FAILED")
-    return RunResult(run_id=run_id or "", status=status, step=trainer.global_step, metrics=metrics,
-                     checkpoint_dir=str(checkpoint.dirpath), message=message)
+        if run is not None:
+            run.finish(status, **({"diverged_message": message} if status == RunStatus.DIVERGED else {}))
+    return RunResult(run_id=run.run_id if run else "", status=status, step=trainer.global_step, metrics=metrics,
+                     checkpoint_dir=str(trainer.checkpoint_callback.dirpath), message=message)
 
 
-@contextmanager
-def _closed_on_exit(mlflow_client, run_id: str | None):
-    """Whatever stops the run after its MLflow run exists (while logging the config, building the Trainer,
-    training, or closing) leaves that run closed: KILLED for Ctrl-C/SIGTERM, FAILED with the error otherwise.
-    Inside ``trainer.fit`` Lightning has already closed it as FAILED and written ``last.ckpt``."""
-    try:
-        yield
-    except (KeyboardInterrupt, SystemExit):
-        if run_id:
-            mlflow_client.set_terminated(run_id, "KILLED")
-            mlflow_client.set_tag(run_id, "status", "killed")
-        raise
-    except Exception as e:
-        if run_id:
-            mlflow_client.set_terminated(run_id, "FAILED")
-            mlflow_client.set_tag(run_id, "status", "failed")
-            mlflow_client.set_tag(run_id, "error", f"{type(e).__name__}: {e}"[:5000])
-        raise
+def open_run(cfg: ExperimentConfig, resume_checkpoint: dict | None = None, init_from: str | None = None) -> TrackedRun:
+    """The MLflow run of this training run: the resumed checkpoint's run, else a new one (named
+    ``tracking.run_name`` or the config's name, tagged ``pcl.name`` (and ``pcl.init_from``) and nested under
+    ``tracking.parent_run_id``)."""
+    uri = tracking.tracking_uri(cfg.tracking)
+    mlflow_client = tracking.client(uri)
+    run_id = (resume_checkpoint or {}).get("mlflow_run_id")
+    if run_id:
+        return TrackedRun.reopen(mlflow_client, run_id)
+    tags = {**cfg.tracking.tags, "pcl.name": cfg.name}
+    if init_from:
+        tags["pcl.init_from"] = init_from
+    if cfg.tracking.parent_run_id:
+        tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
+    return TrackedRun.create(mlflow_client, uri, cfg.tracking.experiment, cfg.tracking.run_name or cfg.name, tags)
 
 
-def _trainer(cfg: ExperimentConfig, logger, module: PretrainModule, run_id: str | None, ckpt_path: Path | None,
-             world: int, total_steps: int, tokens_per_step: int, extra_callbacks, quiet: bool):
-    """The Lightning Trainer of one run, with its checkpoint and throughput callbacks."""
-    ckpt_dir = Path(cfg.trainer.checkpoint_dir) / cfg.name / (run_id or "run")
-    if ckpt_path is not None:
-        ckpt_dir = ckpt_path.parent
-    # A checkpoint on exception needs collectives (barrier, file-exists reduce) among ranks that a Ctrl-C or a
-    # crashed peer leaves out of step: with several processes it could deadlock until the launcher kills rank 0
-    # (and its MLflow run is never closed), so there the last periodic checkpoint is what a resume starts from.
-    checkpoint = ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0,
-                                 every_n_train_steps=cfg.trainer.checkpoint_every, save_on_exception=world == 1)
-    throughput = TokenThroughput(tokens_per_step, flops_per_token(cfg.model, cfg.data.seq_len), cfg.trainer.log_every)
-    callbacks = [checkpoint, throughput, LearningRateMonitor(logging_interval="step"),
-                 MlflowRunInCheckpoint(run_id or "")]
-    callbacks += build_callbacks(cfg, module) + list(extra_callbacks or [])
+def build_module(cfg: ExperimentConfig, prepared, total_steps: int) -> tuple[L.LightningModule, L.LightningDataModule]:
+    """The LightningModule and the data module of ``cfg`` (Gauss-Newton: manual optimisation, stacked batches)."""
+    gauss_newton = cfg.optim.gauss_newton
+    module = (GaussNewtonModule if gauss_newton else PretrainModule)(to_dict(cfg), total_steps=total_steps)
+    datamodule = (GaussNewtonDataModule if gauss_newton else PretrainDataModule)(
+        cfg.data, seed=cfg.trainer.seed, accumulate=batches_per_step(cfg))
+    datamodule.prepared = prepared
+    return module, datamodule
 
-    trainer = L.Trainer(
+
+def build_trainer(cfg: ExperimentConfig, module: L.LightningModule, logger: Logger | None = None,
+                  checkpoint_dir: str | Path | None = None, extra_callbacks: list[L.Callback] | None = None,
+                  quiet: bool = False, strategy: str | Strategy | None = None) -> L.Trainer:
+    """The Lightning Trainer of one run of ``cfg``: ``pcl train``, every sweep trial and ablation run, and the
+    multi-process tests build it here.
+
+    ``logger``: the run's logger (None: log nowhere). ``checkpoint_dir``: where ``last.ckpt`` is written every
+    ``trainer.checkpoint_every`` steps, atomically (:mod:`pc_lightning.atomic_checkpoint`), with the MLflow run
+    id in it; None: no checkpoints. ``strategy``: replaces :func:`pc_lightning.distributed.lightning_strategy`
+    (the tests run FSDP on CPU processes through a subclass of Lightning's FSDPStrategy).
+    """
+    world = world_size(cfg)
+    throughput = TokenThroughput(tokens_per_step(cfg, world), flops_per_token(cfg.model, cfg.data.seq_len),
+                                 cfg.trainer.log_every)
+    callbacks: list[L.Callback] = [throughput]
+    if logger is not None:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    plugins = []
+    if checkpoint_dir is not None:
+        plugins.append(AtomicCheckpointIO())  # a process killed while writing never leaves a partial last.ckpt
+        # A checkpoint on exception needs collectives (barrier, file-exists reduce) among ranks that a Ctrl-C or
+        # a crashed peer leaves out of step: with several processes it could deadlock until the launcher kills
+        # rank 0 (and its MLflow run is never closed), so there the last periodic checkpoint is what a resume
+        # starts from.
+        callbacks.append(ModelCheckpoint(dirpath=str(checkpoint_dir), save_last=True, save_top_k=0,
+                                         every_n_train_steps=cfg.trainer.checkpoint_every,
+                                         save_on_exception=world == 1))
+        callbacks.append(MlflowRunInCheckpoint(logger.run_id if isinstance(logger, MLFlowLogger) else ""))
+    callbacks += configured_callbacks(cfg, module) + list(extra_callbacks or [])
+
+    return L.Trainer(
         accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
-        strategy=lightning_strategy(cfg), precision=precision(cfg), max_steps=total_steps, max_epochs=-1,
+        strategy=strategy if strategy is not None else lightning_strategy(cfg), precision=precision(cfg),
+        max_steps=steps_for_budget(cfg, world), max_epochs=-1,
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
         gradient_clip_val=None if cfg.optim.gauss_newton else cfg.optim.grad_clip or None,
         val_check_interval=cfg.trainer.val_every * cfg.trainer.accumulate_grad_batches,
         check_val_every_n_epoch=None, num_sanity_val_steps=0, log_every_n_steps=cfg.trainer.log_every,
-        logger=logger, callbacks=callbacks, use_distributed_sampler=False, deterministic=cfg.trainer.deterministic,
-        enable_progress_bar=cfg.trainer.progress_bar and not quiet, enable_model_summary=not quiet,
+        logger=logger if logger is not None else False, callbacks=callbacks, plugins=plugins,
+        enable_checkpointing=checkpoint_dir is not None, use_distributed_sampler=False,
+        deterministic=cfg.trainer.deterministic, enable_progress_bar=cfg.trainer.progress_bar and not quiet,
+        enable_model_summary=not quiet,
     )
-    return trainer, checkpoint, throughput
+
+
+@contextlib.contextmanager
+def _mismatch_reported(ckpt_path: Path | None, run: TrackedRun | None):
+    """A resumed checkpoint whose state dict does not fit the model (other shapes or layers, found by Lightning when
+    it loads the state dict) becomes one CheckpointError naming the checkpoint and the first difference. The
+    reopened MLflow run then closes with the status it had before this resume: the training it records did not
+    fail."""
+    try:
+        yield
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines()] or [""]
+        if ckpt_path is None or not lines[0].startswith("Error(s) in loading state_dict"):  # torch's wording
+            raise
+        problems = [line for line in lines[1:] if line]
+        first = problems[0][:300].rstrip(".") if problems else lines[0]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        if run is not None:
+            run.restore_previous_status()
+        raise CheckpointError(f"{ckpt_path}: does not fit the model of this config (were model.* settings "
+                              f"changed?): {first}{more}") from None
 
 
 def _log_resume(mlflow_client, run_id: str, cfg: ExperimentConfig, ckpt_path: Path) -> None:

@@ -4,34 +4,33 @@
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_worker.py train [--stop-at N]
         [--resume last] key=value ...
 
-``fit`` builds the tiny experiment (conf/baseline.yaml + the overrides) exactly as pc_lightning.train does for the
-model, data and callbacks, but runs the Lightning Trainer without MLflow or checkpoints, so that parameters
-can be compared with a single-process run. Each rank writes ``OUT/rank<r>.pt``: its final parameters and
+``fit`` builds the tiny experiment (conf/baseline.yaml + the overrides) with pc_lightning.train's own
+:func:`build_module` and :func:`build_trainer`, without MLflow or checkpoints (no logger, no checkpoint
+directory), so that parameters can be compared with a single-process run. Each rank writes ``OUT/rank<r>.pt``: its final parameters and
 buffers (``params``; the full, gathered state dict under FSDP), the training losses per optimizer step and the
 TSVD ranks seen after every step.
 
 ``train`` runs :func:`pc_lightning.train.train` itself (MLflow, checkpoints), optionally interrupted after step N
-as in tests/test_train.py, or resumed, and ends as ``pcl train`` does; under FSDP through
-:func:`cpu_fsdp_checkpoints`.
+as in tests/test_train.py, or resumed, and ends as ``pcl train`` does.
+
+Under FSDP both pass :func:`cpu_strategy` as the Trainer's strategy (FSDP on CPU processes), and ``train``
+checkpoints through :func:`cpu_fsdp_checkpoints`.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
-from pc_lightning.callbacks.registry import configured_callbacks
-from pc_lightning.config import load_config, steps_for_budget, to_dict
-from pc_lightning.data.datamodule import PretrainDataModule
+from pc_lightning.config import load_config, steps_for_budget
 from pc_lightning.data.prepare import prepare
 from pc_lightning.distributed import exit_follower, leave_together, lightning_strategy
 from pc_lightning.layers.tsvd_linear import TSVDLinear
-from pc_lightning.modules.pretrain import PretrainModule
+from pc_lightning.train import build_module, build_trainer, resolve_vocab, train, world_size
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,24 +80,15 @@ class Record(L.Callback):
 
 def fit_run(out: str, overrides: list[str]) -> None:
     torch.set_num_threads(1)
-    cfg = load_config(ROOT / "conf" / "baseline.yaml", overrides)
+    # on CPU processes in fp32
+    cfg = load_config(ROOT / "conf" / "baseline.yaml", [*overrides, "trainer.accelerator=cpu",
+                                                         "trainer.precision=32-true"])
     prepared = prepare(cfg.data)  # the test prepared the cache before launching: this only reads it
-    cfg.model.vocab_size = prepared.vocab_size
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    total_steps = steps_for_budget(cfg, world)
-    L.seed_everything(cfg.trainer.seed, verbose=False)
-    module = PretrainModule(to_dict(cfg), total_steps=total_steps)
-    datamodule = PretrainDataModule(cfg.data, seed=cfg.trainer.seed, max_steps=total_steps,
-                                    accumulate=cfg.trainer.accumulate_grad_batches)
-    datamodule.prepared = prepared
+    resolve_vocab(cfg, prepared.vocab_size)
+    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    module, datamodule = build_module(cfg, prepared, steps_for_budget(cfg, world_size(cfg)))
     record = Record()
-    trainer = L.Trainer(
-        accelerator="cpu", devices=cfg.trainer.devices, strategy=cpu_strategy(cfg), precision="32-true",
-        max_steps=total_steps, max_epochs=-1, accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
-        gradient_clip_val=cfg.optim.grad_clip or None, limit_val_batches=0, num_sanity_val_steps=0,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        use_distributed_sampler=False, callbacks=configured_callbacks(cfg, module) + [record],
-    )
+    trainer = build_trainer(cfg, module, extra_callbacks=[record], quiet=True, strategy=cpu_strategy(cfg))
     trainer.fit(module, datamodule=datamodule)
     # Under FSDP the root module's state_dict() gathers the full tensors on every rank (FSDP's default
     # FullStateDictConfig). Lightning's lightning_module_state_dict() asks for offload_to_cpu, which crashes
@@ -113,36 +103,31 @@ def fit_run(out: str, overrides: list[str]) -> None:
 
 
 def cpu_fsdp_checkpoints() -> None:
-    """Let ``pc_lightning.train.train`` run FSDP on CPU processes, checkpoints included (tests only).
-
-    The strategy becomes :class:`CPUFSDPStrategy`, and Lightning's full-state-dict context (model and optimizer
-    state gathered for ``last.ckpt``, and scattered back on resume) no longer asks for ``offload_to_cpu``, which
-    crashes (SIGSEGV) when the parameters already live on the CPU. On GPUs Lightning's own context is used.
+    """Let Lightning's FSDP checkpoints run on CPU processes (tests only): its full-state-dict context (model and
+    optimizer state gathered for ``last.ckpt``, and scattered back on resume) no longer asks for
+    ``offload_to_cpu``, which crashes (SIGSEGV) when the parameters already live on the CPU. On GPUs Lightning's
+    own context is used.
     """
     import lightning.pytorch.strategies.fsdp as lightning_fsdp
     from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
     from torch.distributed.fsdp import FullyShardedDataParallel
-
-    import pc_lightning.train
 
     def full_state_dict_context(module, world_size: int, rank0_only: bool = True):
         return FullyShardedDataParallel.state_dict_type(
             module, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
             FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only))
 
-    pc_lightning.train.lightning_strategy = cpu_strategy
     lightning_fsdp._get_full_state_dict_context = full_state_dict_context
 
 
 def train_run(overrides: list[str], stop_at: int | None, resume: str | None) -> None:
     from helpers import StopAt
 
-    from pc_lightning.train import train
-
     torch.set_num_threads(1)
     cpu_fsdp_checkpoints()
     cfg = load_config(ROOT / "conf" / "baseline.yaml", overrides)
-    result = train(cfg, resume=resume, extra_callbacks=[StopAt(stop_at)] if stop_at else None, quiet=True)
+    result = train(cfg, resume=resume, extra_callbacks=[StopAt(stop_at)] if stop_at else None, quiet=True,
+                   strategy=cpu_strategy(cfg))
     leave_together()  # as `pcl train` ends (pc_lightning.cli)
     if not result.run_id:
         exit_follower(0)

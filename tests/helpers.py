@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import lightning as L
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,6 +22,45 @@ class StopAt(L.Callback):
     def on_train_batch_end(self, trainer, *args) -> None:
         if trainer.global_step >= self.step:
             trainer.should_stop = True
+
+
+def assert_identical(a, b, where: str = "") -> None:
+    """Nested dicts/lists of tensors and plain values, equal bit for bit (``where`` names the entry that is not)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        if not torch.equal(a, b):
+            raise AssertionError(f"{where}: max |difference| {float((a.double() - b.double()).abs().max()):.3g}")
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_identical(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    """Two checkpoints (dicts): same step, parameters and optimizer state bit for bit."""
+    assert a["global_step"] == b["global_step"]
+    assert_identical(a["state_dict"], b["state_dict"], "state_dict")
+    assert_identical(a["optimizer_states"], b["optimizer_states"], "optimizer_states")
+
+
+class SignalAt(L.Callback):
+    """Sends ``sig`` once, after optimizer step ``step``, from rank 0 to its whole process group: the launcher
+    and every rank, as a terminal's Ctrl-C does (SIGINT), or all killed at once (SIGKILL). Start the process in
+    a session of its own (``start_new_session=True``), or the signal reaches the test too."""
+
+    def __init__(self, step: int, sig: signal.Signals = signal.SIGINT):
+        self.step, self.sig, self.sent = step, sig, False
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if not self.sent and trainer.global_step >= self.step and trainer.global_rank == 0:
+            self.sent = True
+            os.killpg(0, self.sig)
 
 
 def write_sweep_spec(path: Path, **fields) -> Path:

@@ -15,9 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-from pc_lightning.callbacks.ortho_refresh import refresh_all
-from pc_lightning.callbacks.pc_step import PCStep, pc_layers
-from pc_lightning.config import ModelConfig
+from pc_lightning.callbacks.pc_step import PCStep
+from pc_lightning.config import ModelConfig, PCConfig
+from pc_lightning.layers import iter_layers
+from pc_lightning.layers.pc_linear import PCLinear
+from pc_lightning.layers.tsvd_linear import refresh_all
 from pc_lightning.model import Llama
 from pc_lightning.train import train
 
@@ -30,7 +32,7 @@ def run_steps(model: Llama, cfg: ModelConfig, forward, bf16: bool, steps: int = 
     torch.manual_seed(1)
     data = [torch.randint(0, cfg.vocab_size, (2, 17)) for _ in range(steps * accum)]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    pc = PCStep(layers=pc_layers(model)) if cfg.linear == "pc" else None
+    pc = PCStep(layers=[layer for _, layer in iter_layers(model, PCLinear)]) if cfg.linear == "pc" else None
     amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     losses = []
     for i in range(steps):
@@ -54,7 +56,7 @@ def run_steps(model: Llama, cfg: ModelConfig, forward, bf16: bool, steps: int = 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("linear", ["dense", "pc", "tsvd"])
 def test_compiled_training_traces_once_and_matches_eager(linear, bf16):
-    cfg = ModelConfig(**SHAPE, linear=linear)
+    cfg = ModelConfig(**SHAPE, linear=linear, pc=PCConfig(level=4))
     torch.manual_seed(0)
     eager = Llama(cfg)
     compiled = copy.deepcopy(eager)

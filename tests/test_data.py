@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from itertools import islice
+
 import numpy as np
 import torch
 
 from pc_lightning.config import DataConfig
-from pc_lightning.data.datamodule import FixedWindows, RandomWindows, ResumableSampler
+from pc_lightning.data.datamodule import FixedWindows, RandomWindows, TrainingStream
 from pc_lightning.data.prepare import prepare
 
 
@@ -65,11 +67,29 @@ def test_windows_are_reproducible_from_seed(tmp_path):
     assert not all(torch.equal(a[i], c[i]) for i in range(20))
 
 
-def test_resumable_sampler_continues_where_it_stopped():
-    full = list(ResumableSampler(0, 10))
-    assert full[4:] == list(ResumableSampler(4, 6))
-    ranks = [list(ResumableSampler(0, 3, rank=r, world_size=2)) for r in range(2)]
-    assert sorted(ranks[0] + ranks[1]) == list(range(6))
+def draw(stream: TrainingStream, n: int) -> list[int]:
+    return list(islice(stream, n))
+
+
+def test_training_stream_started_at_any_slot_continues_the_full_stream():
+    full = draw(TrainingStream(0), 30)
+    assert full == list(range(30))
+    assert all(draw(TrainingStream(k), 30 - k) == full[k:] for k in (1, 7, 29))
+    ranks = [draw(TrainingStream(0, rank=r, world_size=2), 5) for r in range(2)]
+    assert sorted(ranks[0] + ranks[1]) == list(range(10))
+    stream = TrainingStream(0)
+    assert draw(stream, 4) + draw(stream, 4) == list(range(8))  # iterating again continues, never replays
+
+
+def test_a_skip_applies_from_the_first_undrawn_slot_also_after_a_restart():
+    stream = TrainingStream(0, world_size=2, rank=1)
+    seen = draw(stream, 6)  # slots 0-5: what the loader has drawn, prefetched batches included
+    stream.skip(10)
+    seen += draw(stream, 6)  # slots 6-11 skip 10 samples of this rank
+    assert stream.skips == [[6, 10]]
+    assert seen == [2 * q + 1 for q in range(6)] + [2 * (q + 10) + 1 for q in range(6, 12)]
+    for start in (3, 6, 9):  # a resumed stream with the saved skips reads what the first one read
+        assert draw(TrainingStream(start, world_size=2, rank=1, skips=stream.skips), 12 - start) == seen[start:]
 
 
 def test_validation_windows_fixed(tmp_path):

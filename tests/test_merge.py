@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pc_lightning.config import ModelConfig
+from pc_lightning.config import ModelConfig, PCConfig
 from pc_lightning.merge import hf_incompatibility, merge_model, relative_difference
 from pc_lightning.model import Llama, count_parameters
 from pc_lightning.modules.pretrain import PretrainModule
@@ -28,7 +28,7 @@ def perturbed(model: Llama) -> Llama:
 @pytest.mark.parametrize("linear", ["pc", "tsvd"])
 def test_merged_model_matches_and_loads_strictly_into_dense(linear):
     torch.manual_seed(0)
-    model = perturbed(Llama(ModelConfig(**TINY, linear=linear)))
+    model = perturbed(Llama(ModelConfig(**TINY, linear=linear, pc=PCConfig(level=4))))
     dense = merge_model(model)
     idx = torch.randint(0, TINY["vocab_size"], (3, 40))
     with torch.no_grad():
@@ -42,6 +42,22 @@ def test_hf_export_is_skipped_with_a_reason_when_the_architecture_does_not_map()
     assert hf_incompatibility(ModelConfig(**TINY)) is None
     reason = hf_incompatibility(ModelConfig(**TINY, attn_norm="qk_norm", logit_softcap=30.0))
     assert "attn_norm=qk_norm" in reason and "soft-capping" in reason
+    for scope in ("head", "full"):  # LlamaForCausalLM has q/k/v norms of neither scope
+        for attn_norm in ("qk_norm", "qkv_norm"):
+            reason = hf_incompatibility(ModelConfig(**TINY, attn_norm=attn_norm, qk_norm_scope=scope))
+            assert reason is not None and f"attn_norm={attn_norm}" in reason
+
+
+def test_merge_keeps_per_head_qk_norms():
+    """A PC model with per-head qkv norms merges into the dense model of the same config (same norm shapes)."""
+    torch.manual_seed(0)
+    variant = dict(attn_norm="qkv_norm", qk_norm_scope="head")
+    model = perturbed(Llama(ModelConfig(**TINY, linear="pc", pc=PCConfig(level=2), **variant)))
+    dense = merge_model(model)
+    idx = torch.randint(0, TINY["vocab_size"], (2, 24))
+    with torch.no_grad():
+        assert relative_difference(dense(idx), model(idx)) <= 1e-5
+    Llama(ModelConfig(**TINY, **variant)).load_state_dict(dense.state_dict(), strict=True)
 
 
 def test_pcl_merge_and_merge_on_end(tiny_cfg, monkeypatch):

@@ -9,7 +9,8 @@ import os
 import pytest
 import torch
 
-from pc_lightning.config import ConfigError, ModelConfig, OptimConfig, batches_per_step, steps_for_budget
+from pc_lightning.config import (ConfigError, ModelConfig, MuonConfig, OptimConfig, PCConfig, batches_per_step,
+                                 steps_for_budget)
 from pc_lightning.model import Llama
 from pc_lightning.optim.combined import CombinedOptimizer
 from pc_lightning.optim.factory import build_optimizer
@@ -20,7 +21,7 @@ from helpers import StopAt
 
 def tiny_model(**overrides) -> Llama:
     torch.manual_seed(0)
-    cfg = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=16)
+    cfg = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=16, pc=PCConfig(level=4))
     cfg.update(overrides)
     return Llama(ModelConfig(**cfg))
 
@@ -34,7 +35,7 @@ def test_muon_update_is_orthogonal_ish():
     """Newton-Schulz maps a badly conditioned gradient (cond 100) to an update with singular values in a band."""
     model = tiny_model()
     lr = 0.01
-    opt = build_optimizer(model, OptimConfig(name="muon", lr=lr, weight_decay=0.0, adjust_lr_fn="match_rms_adamw"))
+    opt = build_optimizer(model, OptimConfig(name="muon", lr=lr, weight_decay=0.0, muon=MuonConfig(adjust_lr_fn="match_rms_adamw")))
     weight = model.blocks[0].mlp.up.weight  # (64, 32)
     torch.manual_seed(1)
     u, _ = torch.linalg.qr(torch.randn(64, 32))
@@ -76,7 +77,7 @@ def test_muon_split_covers_every_parameter_once(linear):
 
 def test_combined_optimizer_schedules_and_restores_every_part():
     model = tiny_model()
-    opt = build_optimizer(model, OptimConfig(name="muon", lr=0.02, adamw_lr=0.004))
+    opt = build_optimizer(model, OptimConfig(name="muon", lr=0.02, muon=MuonConfig(adamw_lr=0.004)))
     scheduler = build_scheduler(opt, total_steps=10, warmup_fraction=0.5, min_lr_ratio=0.1)
     random_grads(model)
     opt.step()
@@ -86,7 +87,7 @@ def test_combined_optimizer_schedules_and_restores_every_part():
     assert lrs == pytest.approx({"muon": 0.02 * factor, "decay": 0.004 * factor, "no_decay": 0.004 * factor})
 
     state = opt.state_dict()
-    other = build_optimizer(tiny_model(), OptimConfig(name="muon", lr=0.02, adamw_lr=0.004))
+    other = build_optimizer(tiny_model(), OptimConfig(name="muon", lr=0.02, muon=MuonConfig(adamw_lr=0.004)))
     other.load_state_dict(state)
     assert [g["lr"] for g in other.param_groups] == [g["lr"] for g in opt.param_groups]
     assert other.param_groups[0] is other.optimizers[0].param_groups[0]  # still shared after loading
@@ -111,14 +112,14 @@ def test_soap_first_step_only_initialises_the_preconditioner():
 
 
 @pytest.mark.parametrize("override, key", [
-    ({"momentum": 1.0}, "optim.momentum"),
-    ({"ns_steps": 0}, "optim.ns_steps"),
-    ({"precondition_frequency": 0}, "optim.precondition_frequency"),
-    ({"max_precond_dim": 0}, "optim.max_precond_dim"),
-    ({"damping": -1.0}, "optim.damping"),
+    ({"muon.momentum": 1.0}, "optim.muon.momentum"),
+    ({"muon.ns_steps": 0}, "optim.muon.ns_steps"),
+    ({"soap.precondition_frequency": 0}, "optim.soap.precondition_frequency"),
+    ({"soap.max_precond_dim": 0}, "optim.soap.max_precond_dim"),
+    ({"gn.damping": -1.0}, "optim.gn.damping"),
     ({"eps": 0.0}, "optim.eps"),
-    ({"adjust_lr_fn": "spectral"}, "optim.adjust_lr_fn"),
-    ({"inner_optimizer": "sgd"}, "optim.inner_optimizer"),
+    ({"muon.adjust_lr_fn": "spectral"}, "optim.muon.adjust_lr_fn"),
+    ({"gn.inner_optimizer": "sgd"}, "optim.gn.inner_optimizer"),
 ])
 def test_optimizer_keys_are_validated(tiny_cfg, override, key):
     with pytest.raises(ConfigError) as err:
@@ -126,8 +127,17 @@ def test_optimizer_keys_are_validated(tiny_cfg, override, key):
     assert err.value.key == key
 
 
+@pytest.mark.parametrize("old, new", [("adamw_lr", "optim.muon.adamw_lr"), ("momentum", "optim.muon.momentum"),
+                                      ("max_precond_dim", "optim.soap.max_precond_dim"),
+                                      ("inner_steps", "optim.gn.inner_steps"), ("line_search", "optim.gn.line_search")])
+def test_old_flat_optimizer_keys_name_their_new_place(tiny_cfg, old, new):
+    with pytest.raises(ConfigError) as err:
+        tiny_cfg(**{f"optim.{old}": 1})
+    assert err.value.key == f"optim.{old}" and f"moved to '{new}'" in str(err.value)
+
+
 def test_gauss_newton_budget_counts_every_batch_of_an_outer_step(tiny_cfg):
-    cfg = tiny_cfg(**{"optim.name": "gn", "optim.inner_steps": 3, "trainer.max_steps": "null",
+    cfg = tiny_cfg(**{"optim.name": "gn", "optim.gn.inner_steps": 3, "trainer.max_steps": "null",
                       "trainer.max_tokens": 4 * 32 * 4 * 10})  # B 4 x T 32 x (3 + 1) batches x 10 outer steps
     assert batches_per_step(cfg) == 4 and steps_for_budget(cfg) == 10
     # every model variant composes with GN (tests/test_gauss_newton.py runs them); torch.compile does not
@@ -146,7 +156,7 @@ def last_checkpoint(checkpoint_dir: str) -> dict:
 @pytest.mark.parametrize("name", ["adamw", "muon", "soap", "gn"])
 def test_resume_restores_optimizer_state(tiny_cfg, name):
     """4 steps, resume to 6 == 6 straight steps: parameters equal, so every optimizer state came back."""
-    keys = {"optim.name": name, "trainer.max_steps": 6, "trainer.checkpoint_every": 2, "optim.inner_steps": 2}
+    keys = {"optim.name": name, "trainer.max_steps": 6, "trainer.checkpoint_every": 2, "optim.gn.inner_steps": 2}
     straight = train(tiny_cfg(name=f"{name}-straight", **keys), quiet=True)
     first = train(tiny_cfg(name=f"{name}-split", **keys), extra_callbacks=[StopAt(4)], quiet=True)
     assert first.step == 4
@@ -178,6 +188,36 @@ def test_pc_gains_are_weight_decayed_as_configured(name, decay_gamma):
     decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     assert (gammas <= decayed) is decay_gamma
     assert not decayed & {id(p) for n, p in model.named_parameters() if "norm" in n}
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon", "soap"])
+@pytest.mark.parametrize("linear", ["dense", "pc", "tsvd"])
+def test_decay_all_decays_every_parameter(name, linear):
+    """optim.decay_all: every parameter (norm gains and biases, PC γ, TSVD s, embedding, head) sits in a group
+    with weight decay 0.1, as in the PC reference (AdamW over model.parameters(), and its Muon's AdamW part);
+    without it, norms get none."""
+    model = tiny_model(linear=linear, attn_norm="qk_norm", qk_norm_scope="head")  # LayerNorm biases too
+    params = dict(model.named_parameters())
+    for decay_all in (True, False):
+        opt = build_optimizer(model, OptimConfig(name=name, weight_decay=0.1, decay_all=decay_all))
+        groups = [g for part in getattr(opt, "optimizers", [opt]) for g in part.param_groups]
+        decayed = {id(p) for g in groups if g["weight_decay"] == pytest.approx(0.1) for p in g["params"]}
+        grouped = [id(p) for g in groups for p in g["params"]]
+        assert sorted(grouped) == sorted(id(p) for p in params.values())  # each parameter in exactly one group
+        missing = [n for n, p in params.items() if id(p) not in decayed]
+        if decay_all:
+            assert not missing, missing
+        else:
+            assert missing and all(params[n].ndim < 2 for n in missing)
+
+
+def test_decay_all_refuses_a_contradicting_gamma_switch(tiny_cfg):
+    with pytest.raises(ConfigError) as err:
+        tiny_cfg(**{"optim.decay_all": True, "optim.decay_pc_gamma": False})
+    assert err.value.key == "optim.decay_pc_gamma"
+    with pytest.raises(ConfigError) as err:
+        tiny_cfg(**{"optim.decay_all": True, "optim.decay_tsvd_s": False})
+    assert err.value.key == "optim.decay_tsvd_s"
 
 
 @pytest.mark.parametrize("name", ["adamw", "muon", "soap", "gn"])

@@ -44,7 +44,7 @@ def test_polynomial_keeps_one_and_lifts_small_values(level):
 
 def test_power_iteration_converges_to_top_singular_value():
     torch.manual_seed(0)
-    layer = PCLinear(20, 12, PCConfig(power_iters=5)).double()
+    layer = PCLinear(20, 12, PCConfig(level=4, power_iters=5)).double()
     with torch.no_grad():
         u, _, vh = torch.linalg.svd(torch.randn(12, 20, dtype=torch.float64), full_matrices=False)
         layer.weight.copy_(u @ torch.diag(torch.linspace(3.0, 0.5, 12, dtype=torch.float64)) @ vh)
@@ -64,7 +64,7 @@ def test_effective_weight_formula_and_gamma():
     want = 0.5 * sigma * apply_polynomial(w / sigma, 2)
     torch.testing.assert_close(layer.effective_weight().double(), want, rtol=1e-5, atol=1e-7)
     assert isinstance(layer.gamma, nn.Parameter)
-    fixed = PCLinear(8, 12, PCConfig(learnable_gamma=False))
+    fixed = PCLinear(8, 12, PCConfig(level=4, learnable_gamma=False))
     assert "gamma" in dict(fixed.named_buffers()) and "gamma" not in dict(fixed.named_parameters())
 
 
@@ -117,7 +117,7 @@ def test_once_per_step_gradient_equals_per_forward_autograd(tmp_path):
 
 def test_bf16_matmuls_switch_changes_only_the_polynomial_precision():
     torch.manual_seed(0)
-    layer = PCLinear(32, 48, PCConfig())
+    layer = PCLinear(32, 48, PCConfig(level=4))
     layer.init_weights(0.02)
     exact = layer.effective_weight().detach()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -136,12 +136,68 @@ def test_pc_config_validation(tiny_cfg):
         tiny_cfg(**{"model.pc.level": 5})
 
 
+@pytest.mark.parametrize("optimizer,level", [("adamw", 4), ("muon", 2)])
+def test_reference_presets_match_the_reference_and_differ_from_their_baselines_only_in_pc_flags(optimizer, level):
+    """conf/experiment/{pc,baseline}-reference-{adamw,muon}.yaml: the PC reference's released 1B settings (as far
+    as the suite's model goes) at the tiny size; the PC run is its baseline plus PC flags."""
+    import os
+
+    from pc_lightning.config import flatten, load_config, to_dict
+    from pc_lightning.sweep.space import compose_config
+
+    root = os.path.join(os.path.dirname(os.path.dirname(__file__)), "conf", "experiment")
+    pc = load_config(os.path.join(root, f"pc-reference-{optimizer}.yaml"))
+    base = load_config(os.path.join(root, f"baseline-reference-{optimizer}.yaml"))
+    o = pc.optim
+    assert (o.name, o.warmup_fraction, o.min_lr_ratio, o.grad_clip, o.betas, o.eps) == (optimizer, 0.01, 0.1, 1.0,
+                                                                                       [0.9, 0.95], 1e-8)
+    assert o.weight_decay == 0.1 and o.decay_all
+    assert pc.model.init == "torchtitan" and pc.model.name == "tiny"
+    if optimizer == "muon":
+        assert o.lr == o.muon.adamw_lr == 1.5e-3 and o.muon.adjust_lr_fn == "match_rms_adamw"
+        assert (o.muon.momentum, o.muon.nesterov, o.muon.ns_steps) == (0.95, True, 5)
+    else:
+        assert o.lr == 3e-4
+    assert pc.model.linear == "pc" and base.model.linear == "dense"
+    assert (pc.model.pc.level, pc.model.pc.eps, pc.model.pc.power_iters, pc.model.pc.targets) == (
+        level, 1e-7, 10, ["ffn", "attn_out"])
+    differ = {k for k, v in flatten(to_dict(pc)).items() if flatten(to_dict(base))[k] != v}
+    assert differ <= {"name", "model.linear", "model.pc.eps", "model.pc.level"}, differ
+    # scaling up: the presets compose with the 1B model preset
+    big = compose_config(os.path.join(root, f"pc-reference-{optimizer}.yaml"), ["model/1b", "data.seq_len=2048"])
+    assert (big.model.d_model, big.model.n_layers, big.model.init, big.model.pc.level) == (2048, 18, "torchtitan",
+                                                                                          level)
+
+
+@pytest.mark.parametrize("overrides,level", [
+    ({}, 4), ({"optim.name": "muon"}, 2), ({"optim.name": "soap"}, 4),
+    ({"optim.name": "gn"}, 4), ({"optim.name": "gn", "optim.gn.inner_optimizer": "muon"}, 2),
+    ({"optim.name": "muon", "model.pc.level": 4}, 4), ({"optim.name": "adamw", "model.pc.level": 2}, 2),
+    ({"optim.name": "muon", "model.pc.level": 0}, 0),
+], ids=["adamw", "muon", "soap", "gn-adamw", "gn-muon", "muon-explicit-4", "adamw-explicit-2", "muon-explicit-0"])
+def test_pc_level_resolves_to_the_reference_level_of_the_optimizer(tiny_cfg, overrides, level):
+    """model.pc.level unset (null) = the reference's level for the optimizer that takes the weight steps (Gauss-
+    Newton: its inner optimizer); a level the config sets wins. The resolved config records the number."""
+    from pc_lightning.config import from_dict, to_dict
+
+    cfg = tiny_cfg(**{"model.linear": "pc", **overrides})
+    assert cfg.model.pc.level == level
+    assert to_dict(cfg)["model"]["pc"]["level"] == level
+    assert from_dict(to_dict(cfg)).model.pc.level == level  # a resolved config re-runs with the same level
+
+
+def test_pc_layer_refuses_an_unresolved_level():
+    with pytest.raises(ValueError, match="model.pc.level"):
+        PCLinear(8, 12, PCConfig())
+
+
 def test_spectrum_metrics_match_svd():
     torch.manual_seed(0)
     from pc_lightning.config import ModelConfig
     from pc_lightning.model import Llama
 
-    model = Llama(ModelConfig(d_model=32, n_layers=1, n_heads=2, d_ff=64, vocab_size=64, linear="pc"))
+    model = Llama(ModelConfig(d_model=32, n_layers=1, n_heads=2, d_ff=64, vocab_size=64, linear="pc",
+                              pc=PCConfig(level=4)))
     metrics = spectrum_metrics(model)
     sv = torch.linalg.svdvals(model.blocks[0].attn.o.effective_weight().detach())
     assert metrics["spectrum/blocks.0.attn.o/top"] == pytest.approx(float(sv[0]), rel=1e-5)
@@ -180,4 +236,7 @@ def test_pc_presets_compose():
     baseline = load_config(os.path.join(root, "baseline.yaml"))
     assert (pc.model.linear, pc.model.pc.level, pc.model.pc.targets) == ("pc", 4, ["ffn", "attn_out"])
     assert pc.trainer.max_tokens == baseline.trainer.max_tokens and pc.name == "pc-tiny"
-    assert load_yaml_with_defaults(os.path.join(root, "variant", "pc_muon.yaml")) == {"model": {"pc": {"level": 2}}}
+    assert "level" not in load_yaml_with_defaults(os.path.join(root, "variant", "pc.yaml"))["model"]["pc"]
+    # the level follows the optimizer (the reference's pairing) unless the config sets it
+    assert load_config(os.path.join(root, "pc.yaml"), ["optim.name=muon"]).model.pc.level == 2
+    assert load_config(os.path.join(root, "pc.yaml"), ["optim.name=muon", "model.pc.level=3"]).model.pc.level == 3

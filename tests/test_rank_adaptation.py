@@ -15,7 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from pc_lightning.callbacks.rank_adaptation import RankAdaptation, measure_lookahead
+from pc_lightning.callbacks.lookahead_probe import line_search, measure_lookahead
+from pc_lightning.callbacks.rank_adaptation import RankAdaptation
 from pc_lightning.config import TSVDConfig
 from pc_lightning.layers.energy_rank import energy_rank, next_rank
 from pc_lightning.layers.tsvd_linear import TSVDLinear
@@ -70,7 +71,7 @@ def train_and_check(model: Regression, checks: int, steps: int, lr: float = 3e-2
             opt.zero_grad()
             model.layer.refresh()
         probe = whitened_batch(4 * n, n, gen)
-        adaptation.adapt(model, [opt], model.loss if lookahead else None, probe)
+        adaptation.check(model, [opt], model.loss if lookahead else None, probe)
         assert float(model.layer.orthonormality_error()) <= TOL
         assert model.layer.r_min <= model.layer.rank <= model.layer.r_max
         ranks.append(model.layer.rank)
@@ -208,19 +209,17 @@ def test_dropped_values_decay_with_the_weight_decay_of_s():
     assert RankAdaptation.step_decay([opt], nn.Sequential(layer)) == pytest.approx(1 - 0.05)
     adaptation = RankAdaptation(TSVDConfig())
     model = nn.Sequential(layer)
-    adaptation.adapt(model, [opt])
+    adaptation.check(model, [opt])
     first, dropped = layer.rank, layer.dropped.clone()
-    adaptation.adapt(model, [opt])
+    adaptation.check(model, [opt])
     assert layer.rank == first and torch.equal(layer.dropped, dropped)
     adaptation.decay = 0.01  # as after many steps of decay
-    adaptation.adapt(model, [opt])
+    adaptation.check(model, [opt])
     assert layer.rank < first
 
 
 @pytest.mark.parametrize("minimum", [0.3, 1.0, 7.0, 1e-4])
 def test_line_search_finds_the_minimum_of_a_parabola(minimum):
-    from pc_lightning.callbacks.rank_adaptation import line_search
-
     calls = []
     loss = lambda t: calls.append(t) or (t - minimum) ** 2  # noqa: E731
     assert line_search(loss, 10.0) == pytest.approx(minimum, rel=1e-6)

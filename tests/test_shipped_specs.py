@@ -53,3 +53,37 @@ def test_workers_of_one_study_get_different_sampler_seeds():
         study = optuna.create_study(sampler=build_sampler(spec, worker), direction=spec.objective.direction)
         first[worker] = tuple(suggest(study.ask(), spec))
     assert len(set(first.values())) == 3
+
+
+# The PC reference's released configs pair the polynomial level with the optimizer: level 4 in its AdamW runs,
+# level 2 in its Muon runs (AdamW_pc_1B / Muon_pc_1B). Written out here, not read from the code under test.
+REFERENCE_LEVEL = {"adamw": 4, "muon": 2}
+
+
+def shipped_pc_runs():
+    """(file, run, optimizer name, resolved level) of every PC run the shipped ablations and sweeps make, except
+    sweeps that search the level themselves."""
+    out = []
+    for path in ABLATIONS:
+        spec = load_ablation(path)
+        for combo in combinations(spec):
+            cfg = run_config(spec, combo, [], parent_id=None)
+            if cfg.model.linear == "pc":
+                out.append((os.path.basename(path), combo.key, cfg.optim.name, cfg.model.pc.level))
+    for path in SWEEPS:
+        spec = load_spec(path)
+        if "model.pc.level" in spec.parameters:
+            continue
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        for i in range(3):
+            cfg = compose_config(spec.base, list(spec.overrides) + suggest(study.ask(), spec))
+            if cfg.model.linear == "pc":
+                out.append((os.path.basename(path), f"trial {i}", cfg.optim.name, cfg.model.pc.level))
+    return out
+
+
+def test_every_shipped_pc_run_uses_the_reference_level_of_its_optimizer():
+    runs = shipped_pc_runs()
+    assert any(name == "muon" for _, _, name, _ in runs), "no shipped PC + Muon run left to check"
+    wrong = [run for run in runs if run[3] != REFERENCE_LEVEL[run[2]]]
+    assert not wrong, f"PC runs not at the reference's level for their optimizer: {wrong}"

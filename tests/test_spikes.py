@@ -14,6 +14,7 @@ from pc_lightning import tracking
 from pc_lightning.callbacks.spike_detection import SpikeDetection, SpikeRule, find_spikes
 from pc_lightning.config import SpikeConfig
 from pc_lightning.train import train
+from helpers import StopAt, assert_identical, assert_same_training_state
 
 
 # ---------------------------------------------------------------------------------------------- the rule
@@ -99,21 +100,6 @@ class Snapshot(L.Callback):
             self.after = self.take(trainer, pl_module)
 
 
-def assert_identical(a, b) -> None:
-    if isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for k in a:
-            assert_identical(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_identical(x, y)
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b)
-    else:
-        assert a == b
-
-
 def spike_callback(action: str, **extra) -> SpikeDetection:
     return SpikeDetection(SpikeConfig(enabled=True, window=8, warmup=4, action=action, **extra))
 
@@ -162,7 +148,26 @@ def test_rollback_restores_the_checkpoint_from_before_the_spike_and_skips_data(t
     assert_identical(after.optim["state"], ckpt["optimizer_states"][0]["state"])
     assert after.skipped == 2 * 4  # rollback_skip_batches x batch_size samples
     last = torch.load(f"{result.checkpoint_dir}/last.ckpt", map_location="cpu", weights_only=False)
-    assert last["PretrainDataModule"] == {"skipped_samples": 8}  # a resume keeps the shifted data stream
+    (skip,) = last["PretrainDataModule"]["skips"]  # a resume keeps the shifted data stream
+    assert skip[1] == 8 and skip[0] >= (SPIKE_STEP + 1) * 4  # from the first window not drawn at the spike
+
+
+def test_resume_after_a_rollback_reads_the_windows_of_the_uninterrupted_run(tiny_cfg):
+    """The skip is registered at the first window the loader has not drawn yet (the step after the spike was
+    already prefetched): a run stopped right after the rollback and resumed ends where the uninterrupted one does."""
+    keys = {**SPIKE_KEYS, "trainer.checkpoint_every": 1}
+    rollback = {"rollback_steps_back": 3, "rollback_skip_batches": 2}
+    straight = train(tiny_cfg(name="rollback-straight", **keys),
+                     extra_callbacks=[BlowUpGradients(SPIKE_STEP), spike_callback("rollback", **rollback)], quiet=True)
+    spikes = spike_callback("rollback", **rollback)
+    first = train(tiny_cfg(name="rollback-split", **keys),
+                  extra_callbacks=[BlowUpGradients(SPIKE_STEP), spikes, StopAt(SPIKE_STEP + 1)], quiet=True)
+    assert spikes.rollbacks == [(SPIKE_STEP, 3)] and first.step == SPIKE_STEP + 1
+    resumed = train(tiny_cfg(name="rollback-split", **keys), resume="last",
+                    extra_callbacks=[spike_callback("rollback", **rollback)], quiet=True)
+    assert resumed.step == straight.step == 10
+    load = lambda result: torch.load(f"{result.checkpoint_dir}/last.ckpt", map_location="cpu", weights_only=False)
+    assert_same_training_state(load(straight), load(resumed))
 
 
 # ---------------------------------------------------------------------------------------------- monitors in MLflow

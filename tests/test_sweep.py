@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -81,29 +80,21 @@ def test_diverged_trial_counts_as_worst_value(tmp_path, data_cache, results_dir)
     assert trial.value == pytest.approx(math.log(512))  # ln(vocab): the loss at initialisation
 
 
-def sweep_subprocess(spec_path: Path, results_dir: Path) -> subprocess.Popen:
+def interrupted_sweep(spec_path: Path, results_dir: Path, sig: signal.Signals, at_step: int) -> int:
+    """``pcl sweep`` in a subprocess that receives ``sig`` after optimizer step ``at_step`` of its first trial
+    (tests/sweep_worker.py); its exit code."""
     env = dict(os.environ, PCL_RESULTS_DIR=str(results_dir))
-    return subprocess.Popen([sys.executable, "-m", "pc_lightning.cli", "sweep", str(spec_path)], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = [sys.executable, str(ROOT / "tests" / "sweep_worker.py"), str(spec_path), sig.name[3:], str(at_step)]
+    return subprocess.run(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          start_new_session=True, timeout=240).returncode
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_killed_sweep_resumes_without_duplicates(tmp_path, data_cache, results_dir, sig):
-    # 150 steps (~3 s here) leave seconds between the first checkpoint (step 3) and the trial's end, so that
-    # the signal lands inside training even on a loaded CI machine (with 30 it landed between trials once)
-    overrides = tiny_overrides(data_cache, results_dir, **{"trainer.max_steps": 150, "trainer.val_every": 50})
-    spec_path = write_spec(tmp_path / "sweep.yaml", data_cache, results_dir, n_trials=2, overrides=overrides)
-    proc = sweep_subprocess(spec_path, results_dir)
-    deadline = time.monotonic() + 120
-    # kill once the first trial is training: its checkpoint folder is named by its MLflow run id
-    # (polling the databases themselves could race with their creation by the subprocess)
-    while time.monotonic() < deadline and proc.poll() is None:
-        if any((results_dir / "checkpoints" / "tiny-lr-trial0").glob("*/*.ckpt")):
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "the sweep ended before it could be interrupted"
-    proc.send_signal(sig)
-    proc.wait(timeout=60)
+    # the signal arrives inside the first trial's training, after its step-3 checkpoint and validation
+    spec_path = write_spec(tmp_path / "sweep.yaml", data_cache, results_dir, n_trials=2)
+    rc = interrupted_sweep(spec_path, results_dir, sig, at_step=4)
+    assert rc == (-signal.SIGKILL if sig == signal.SIGKILL else 130)
 
     assert run_sweep(str(spec_path)) == 0
 

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -32,12 +31,16 @@ def write_spec(path: Path, data_cache: str, results_dir: Path, **fields) -> Path
     return write_sweep_spec(path, **{**defaults, **fields})
 
 
-def start_torchrun(spec_path: Path, results_dir: Path, nproc: int = 2) -> subprocess.Popen:
+def start_torchrun(spec_path: Path, results_dir: Path, nproc: int = 2,
+                   ctrl_c_at: int | None = None) -> subprocess.Popen:
     """``torchrun --standalone --nproc_per_node N -m pc_lightning.cli sweep SPEC`` in a session of its own,
-    output to ``torchrun.log`` beside the spec (a pipe nobody reads while it runs could fill and block the ranks)."""
+    output to ``torchrun.log`` beside the spec (a pipe nobody reads while it runs could fill and block the ranks).
+    ``ctrl_c_at``: rank 0 sends SIGINT to torchrun and every rank after that step of the first trial
+    (tests/sweep_worker.py), as a Ctrl-C in the terminal would."""
     env = dict(os.environ, PCL_RESULTS_DIR=str(results_dir), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "pc_lightning.cli", "sweep", str(spec_path)]
+    sweep = ["-m", "pc_lightning.cli", "sweep", str(spec_path)] if ctrl_c_at is None else \
+        [str(ROOT / "tests" / "sweep_worker.py"), str(spec_path), "INT", str(ctrl_c_at)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *sweep]
     with open(spec_path.parent / "torchrun.log", "w") as log:
         return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -118,19 +121,9 @@ def test_diverged_two_rank_trial_counts_as_worst_value(tmp_path, data_cache, res
 
 @pytest.mark.slow
 def test_interrupted_two_rank_sweep_resumes_without_duplicates(tmp_path, data_cache, results_dir):
-    # 60 steps keep the interrupt (sent at the first checkpoint, step 3) well inside trial 0's training
-    overrides = tiny_overrides(data_cache, results_dir, **TWO_RANKS,
-                               **{"trainer.max_steps": 60, "trainer.val_every": 30})
-    spec_path = write_spec(tmp_path / "sweep.yaml", data_cache, results_dir, overrides=overrides)
-    proc = start_torchrun(spec_path, results_dir)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:  # interrupt once trial 0 is training
-        if any((results_dir / "checkpoints" / "ddp-lr-trial0").glob("*/*.ckpt")):
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "the sweep ended before it could be interrupted"
-    proc.send_signal(signal.SIGINT)  # Ctrl-C: torchrun passes it to both ranks
-    rc, output = wait_torchrun(proc, spec_path, timeout=60)
+    # Ctrl-C inside trial 0's training, after its step-3 checkpoint and validation
+    spec_path = write_spec(tmp_path / "sweep.yaml", data_cache, results_dir)
+    rc, output = wait_torchrun(start_torchrun(spec_path, results_dir, ctrl_c_at=4), spec_path, timeout=240)
     assert rc != 0
     client = tracking.client(tracking.tracking_uri(TrackingConfig()))
     parent = runs.find_parent(client, "study", "ddp-lr")

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import signal
+import subprocess
+import sys
+import tempfile
+import time
 
 import lightning as L
 import pytest
@@ -14,7 +19,8 @@ from mlflow.tracking import MlflowClient
 from pc_lightning import tracking
 from pc_lightning.config import load_config
 from pc_lightning.train import train
-from helpers import StopAt
+from conftest import tiny_overrides
+from helpers import ROOT, StopAt, assert_same_training_state
 
 
 def client() -> MlflowClient:
@@ -63,21 +69,52 @@ def test_run_is_tracked_in_mlflow(tiny_cfg, tmp_path):
     assert again.metrics["val/loss"] == pytest.approx(result.metrics["val/loss"], rel=1e-5)
 
 
-def test_resume_is_bit_identical(tiny_cfg):
-    steps = {"trainer.max_steps": 10, "trainer.checkpoint_every": 5, "trainer.val_every": 5}
-    straight = train(tiny_cfg(name="straight", **steps), quiet=True)
-    first = train(tiny_cfg(name="split", **steps), extra_callbacks=[StopAt(5)], quiet=True)
-    assert first.step == 5
-    resumed = train(tiny_cfg(name="split", **steps), resume="last", quiet=True)
-    assert resumed.step == 10 and resumed.run_id == first.run_id  # same MLflow run continues
-    a, b = final_state(straight.checkpoint_dir), final_state(resumed.checkpoint_dir)
-    assert a["global_step"] == b["global_step"] == 10
-    for key, value in a["state_dict"].items():
-        assert torch.equal(value, b["state_dict"][key]), key
-    exp_a = a["optimizer_states"][0]["state"]
-    exp_b = b["optimizer_states"][0]["state"]
-    for i in exp_a:
-        assert torch.equal(exp_a[i]["exp_avg"], exp_b[i]["exp_avg"])
+RESUME_STEPS = 12
+RESUME_KEYS = {"trainer.checkpoint_every": 1, "trainer.val_every": 4,
+               # a constant learning rate: the schedule must not depend on trainer.max_steps when a resume changes it
+               "optim.warmup_fraction": 0, "optim.min_lr_ratio": 1.0}
+_uninterrupted: dict[int, dict] = {}
+
+
+def uninterrupted(tiny_cfg, steps: int) -> dict:
+    """last.ckpt of an uninterrupted run of ``steps`` steps (deterministic: computed once per session)."""
+    if steps not in _uninterrupted:
+        result = train(tiny_cfg(name=f"straight-{steps}", **RESUME_KEYS, **{"trainer.max_steps": steps}), quiet=True)
+        assert result.step == steps
+        _uninterrupted[steps] = final_state(result.checkpoint_dir)
+    return _uninterrupted[steps]
+
+
+def not_resumable_warnings(recwarn) -> list[str]:
+    return [str(w.message) for w in recwarn if "not resumable" in str(w.message)]
+
+
+@pytest.mark.parametrize("stop", [1, RESUME_STEPS // 3, RESUME_STEPS // 2, RESUME_STEPS - 1])
+def test_resume_is_bit_identical(tiny_cfg, recwarn, stop):
+    """Stopped after step ``stop`` and resumed from last.ckpt, the run ends with exactly the parameters and the
+    optimizer state of the uninterrupted run: every step after the resume reads the windows it would have read."""
+    straight = uninterrupted(tiny_cfg, RESUME_STEPS)
+    keys = {**RESUME_KEYS, "trainer.max_steps": RESUME_STEPS}
+    first = train(tiny_cfg(name="split", **keys), extra_callbacks=[StopAt(stop)], quiet=True)
+    assert first.step == stop
+    resumed = train(tiny_cfg(name="split", **keys), resume="last", quiet=True)
+    assert resumed.step == RESUME_STEPS and resumed.run_id == first.run_id  # same MLflow run continues
+    assert_same_training_state(straight, final_state(resumed.checkpoint_dir))
+    assert not not_resumable_warnings(recwarn)  # Lightning sees a loader that resumes mid-epoch
+
+
+def test_resume_with_a_larger_max_steps_matches_the_longer_run(tiny_cfg, recwarn):
+    """Stopped after step 2 of a 6-step run and resumed with trainer.max_steps=12: the same end state as an
+    uninterrupted 12-step run (constant learning rate, so only the data stream could differ)."""
+    straight = uninterrupted(tiny_cfg, RESUME_STEPS)
+    first = train(tiny_cfg(name="grow", **RESUME_KEYS, **{"trainer.max_steps": 6}), extra_callbacks=[StopAt(2)],
+                  quiet=True)
+    assert first.step == 2
+    resumed = train(tiny_cfg(name="grow", **RESUME_KEYS, **{"trainer.max_steps": RESUME_STEPS}), resume="last",
+                    quiet=True)
+    assert resumed.step == RESUME_STEPS
+    assert_same_training_state(straight, final_state(resumed.checkpoint_dir))
+    assert not not_resumable_warnings(recwarn)
 
 
 def test_resume_may_extend_the_run(tiny_cfg):
@@ -142,6 +179,38 @@ def test_stop_between_run_creation_and_training_closes_the_run(tiny_cfg, monkeyp
     runs = client().search_runs([client().get_experiment_by_name("pc-lightning").experiment_id],
                                 filter_string=f"tags.`pcl.name` = 'early-{tag}'")
     assert len(runs) == 1 and runs[0].info.status == status and runs[0].data.tags["status"] == tag
+
+
+def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tiny_cfg, data_cache, results_dir, tmp_path):
+    """SIGKILL half-way through the write of the step-6 ``last.ckpt`` (tests/checkpoint_worker.py): the step-3
+    ``last.ckpt`` stays whole, and ``--resume last`` continues the same MLflow run from it. The system temp
+    directory is put on another filesystem (/dev/shm), as on machines with /tmp on tmpfs: Lightning's own
+    writer then copies its temp file onto ``last.ckpt`` in place."""
+    steps = {"trainer.max_steps": 9, "trainer.val_every": 3, "trainer.checkpoint_every": 3}
+    ready = tmp_path / "stalled"
+    elsewhere = tempfile.mkdtemp(dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    env = {**os.environ, "PCL_RESULTS_DIR": str(results_dir), "TMPDIR": elsewhere}
+    cmd = [sys.executable, str(ROOT / "tests" / "checkpoint_worker.py"), "--stall-at", "2", "--ready", str(ready),
+           "--", "--config", str(ROOT / "conf" / "baseline.yaml"),
+           *tiny_overrides(data_cache, results_dir, name="killed", **steps)]
+    with open(tmp_path / "train.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ready.exists(), f"no second checkpoint: {(tmp_path / 'train.log').read_text()[-3000:]}"
+    finally:
+        proc.kill()  # SIGKILL, half-way through the write
+        proc.wait()
+        shutil.rmtree(elsewhere, ignore_errors=True)
+
+    (path,) = glob.glob(str(results_dir / "checkpoints" / "killed" / "*" / "last.ckpt"))
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 3
+    resumed = train(tiny_cfg(name="killed", **steps), resume="last", quiet=True)
+    assert resumed.status == "finished" and resumed.step == 9 and resumed.run_id == checkpoint["mlflow_run_id"]
+    assert client().get_run(resumed.run_id).info.status == "FINISHED"
 
 
 # bf16-mixed is what GPU runs use by default (trainer.precision: auto); Lightning runs it on CPU too, so every

@@ -14,11 +14,11 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pc_lightning import tracking
-from pc_lightning.callbacks.ortho_refresh import refresh_all, tsvd_layers
 from pc_lightning.callbacks.rank_adaptation import RankAdaptation, base_optimizers, remap_state
 from pc_lightning.config import ConfigError, TSVDConfig
+from pc_lightning.layers import iter_layers
 from pc_lightning.layers.energy_rank import energy_rank
-from pc_lightning.layers.tsvd_linear import TSVDLinear, orthonormality_error, orthonormalize
+from pc_lightning.layers.tsvd_linear import TSVDLinear, orthonormality_error, orthonormalize, refresh_all
 from pc_lightning.train import train
 from helpers import StopAt
 
@@ -65,7 +65,7 @@ def test_energy_rank_of_matrices_with_known_spectrum(m, n):
 
 def test_rank_does_not_collapse_when_nothing_changes():
     """Regression (issue 11): the old rule took a rank-64 layer with a stationary spectrum down to 17 in 25 checks
-    (τ = 0.95: every check cut 5% of what was left). Through the public ``adapt`` of the callback, without a
+    (τ = 0.95: every check cut 5% of what was left). Through the callback's ``check``, without a
     gradient (which the old rule never used either), the layer now cuts 5% of its energy once and keeps the
     rest. Fails on the old energy_rank.next_rank / RankAdaptation (ranks 64, 61, 58, ..., 17).
     More in tests/test_rank_adaptation.py."""
@@ -76,7 +76,7 @@ def test_rank_does_not_collapse_when_nothing_changes():
     adaptation = RankAdaptation(TSVDConfig(energy_threshold=0.95, max_shrink_fraction=0.5))
     ranks = []
     for _ in range(25):
-        adaptation.adapt(model, [])
+        adaptation.check(model, [])
         ranks.append(layer.rank)
     assert ranks[-1] >= 56 and len(set(ranks[1:])) == 1, ranks
 
@@ -195,7 +195,7 @@ def test_model_refresh_is_batched_and_equals_per_layer_refresh(tiny_cfg):
             p.add_(1e-3 * torch.randn_like(p))
     one_by_one = copy.deepcopy(model)
     error = refresh_all(model, "cholesky_qr")
-    for (_, a), (_, b) in zip(tsvd_layers(model), tsvd_layers(one_by_one)):
+    for (_, a), (_, b) in zip(iter_layers(model, TSVDLinear), iter_layers(one_by_one, TSVDLinear)):
         b.refresh("cholesky_qr")
         for x, y in zip(a.raw_and_cached(), b.raw_and_cached()):
             torch.testing.assert_close(x[0], y[0], rtol=0, atol=1e-6)
@@ -278,11 +278,11 @@ class OrthoChecker(L.Callback):
         self.losses: list[float] = []
 
     def on_train_start(self, trainer, pl_module) -> None:
-        for _, layer in tsvd_layers(pl_module.model):
+        for _, layer in iter_layers(pl_module.model, TSVDLinear):
             layer.register_forward_pre_hook(lambda mod, args: self.forward_errors.append(applied_error(mod)))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        layers = tsvd_layers(pl_module.model)
+        layers = iter_layers(pl_module.model, TSVDLinear)
         self.step_errors.append(max(applied_error(layer) for _, layer in layers))
         self.ranks.append({name: layer.rank for name, layer in layers})
         self.losses.append(float(outputs["loss"]))
@@ -347,9 +347,9 @@ def test_refresh_all_reports_error(tiny_cfg):
     cfg = tsvd_cfg(tiny_cfg)
     cfg.model.vocab_size = 512
     model = Llama(cfg.model)
-    assert len(tsvd_layers(model)) == 2 * 7
+    assert len(iter_layers(model, TSVDLinear)) == 2 * 7
     with torch.no_grad():
-        for _, layer in tsvd_layers(model):
+        for _, layer in iter_layers(model, TSVDLinear):
             layer.V.add_(0.1 * torch.randn_like(layer.V))
     assert refresh_all(model, "newton_schulz") <= 1e-5
 

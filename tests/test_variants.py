@@ -115,6 +115,92 @@ def test_qk_norm_normalises_q_and_k(attn_norm):
     assert not torch.allclose(plain_q.transpose(1, 2).flatten(2).norm(dim=-1), torch.full((4, 32), 8.0), rtol=0.1)
 
 
+def normalised_projections(m: Llama, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """q, k, v of block 0 as attention sees them before RoPE, (B, T, heads, head_dim), with the norms' gains and
+    biases set off identity, so a test sees the values *before* the affine part by undoing it."""
+    attn = m.blocks[0].attn
+    seen = {}
+    for name in ("q", "k", "v"):
+        norm = getattr(attn, f"{name}_norm")
+        if norm is not None:
+            with torch.no_grad():
+                norm.weight.uniform_(0.5, 2.0)
+                norm.bias.uniform_(-0.5, 0.5)
+            norm.register_forward_hook(
+                lambda mod, args, out, name=name: seen.update({name: (out - mod.bias) / mod.weight}))
+    m(idx)
+    B, T = idx.shape
+    return {n: t.reshape(B, T, attn.n_heads, attn.head_dim) for n, t in seen.items()}
+
+
+@pytest.mark.parametrize("attn_norm", ["qk_norm", "qkv_norm"])
+@pytest.mark.parametrize("scope", ["head", "full"])
+def test_qk_norm_scope_normalises_each_head_or_the_whole_width(attn_norm, scope):
+    """qk_norm_scope head: before the affine part each head's vector has mean 0 and variance 1 over head_dim (one
+    LayerNorm(head_dim) shared by the heads); full: mean 0 and variance 1 over the whole width d, heads not each."""
+    m = model(attn_norm=attn_norm, qk_norm_scope=scope)
+    width = m.blocks[0].attn.head_dim if scope == "head" else 64
+    assert m.blocks[0].attn.q_norm.normalized_shape == (width,)
+    with torch.no_grad():
+        m.tok_emb.weight.mul_(50)  # well above LayerNorm's eps also without the pre-attention norm (qkv_norm)
+        for block in m.blocks:  # variances far above LayerNorm's eps, and the two heads at very different scales
+            for proj in (block.attn.q, block.attn.k, block.attn.v):
+                proj.weight.mul_(10)
+                proj.weight[:32].mul_(20)
+        got = normalised_projections(m, tokens())
+    assert set(got) == ({"q", "k", "v"} if attn_norm == "qkv_norm" else {"q", "k"})
+    for name, t in got.items():
+        per_head_var = t.var(-1, unbiased=False)
+        whole = t.flatten(2)
+        if scope == "head":
+            torch.testing.assert_close(t.mean(-1), torch.zeros_like(t[..., 0]), atol=1e-4, rtol=0)
+            torch.testing.assert_close(per_head_var, torch.ones_like(per_head_var), atol=1e-3, rtol=0)
+        else:
+            torch.testing.assert_close(whole.mean(-1), torch.zeros_like(whole[..., 0]), atol=1e-4, rtol=0)
+            torch.testing.assert_close(whole.var(-1, unbiased=False), torch.ones_like(whole[..., 0]), atol=1e-3,
+                                       rtol=0)
+            assert (per_head_var - 1).abs().max() > 0.5, name  # the heads are not each normalised
+
+
+def test_rybakov_presets_normalise_per_head_and_the_model_default_stays_full():
+    import os
+
+    from pc_lightning.config import load_config
+
+    root = os.path.join(os.path.dirname(os.path.dirname(__file__)), "conf")
+    assert ModelConfig().qk_norm_scope == "full"  # configs and checkpoints from before the key keep their model
+    for preset in ("qk_norm", "qk_norm_cap", "qkv_norm", "qk_fc_norm"):
+        cfg = load_config(os.path.join(root, "experiment", f"rybakov-{preset}.yaml"))
+        assert cfg.model.qk_norm_scope == "head", preset
+        assert cfg.model.attn_norm in ("qk_norm", "qkv_norm")
+
+
+@pytest.mark.parametrize("scope", ["head", "full"])
+def test_soft_capped_attention_with_either_scope_is_the_capped_softmax_of_the_normalised_q_k(scope):
+    """qk_norm + soft-cap: attention is capped_attention (FlexAttention on CUDA) of the normalised, rotated q, k."""
+    from pc_lightning.layers.rope import apply_rope
+
+    m = model(attn_norm="qk_norm", qk_norm_scope=scope, attn_softcap=2.0)
+    attn, idx = m.blocks[0].attn, tokens()
+    seen = {}
+    attn.register_forward_hook(lambda mod, args, out: seen.update(x=args[0], y=out))
+    with torch.no_grad():
+        m(idx)
+        x, T = seen["x"], idx.shape[1]
+        B = x.shape[0]
+        q, k, v = attn.q(x), attn.k(x), attn.v(x)
+        split = lambda t: t.view(B, T, attn.n_heads, attn.head_dim)  # noqa: E731
+        if scope == "head":
+            q, k = attn.q_norm(split(q)), attn.k_norm(split(k))
+        else:
+            q, k = split(attn.q_norm(q)), split(attn.k_norm(k))
+        cos, sin = m.rope_cos[:T], m.rope_sin[:T]
+        q, k, v = (t.transpose(1, 2) for t in (q, k, split(v)))
+        y = capped_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, 2.0)
+        want = attn.o(y.transpose(1, 2).reshape(B, T, -1))
+    torch.testing.assert_close(seen["y"], want)
+
+
 @pytest.mark.parametrize("which", ["post_proj_norm", "post_fc2_norm"])
 def test_post_norms_normalise_the_sublayer_output(which):
     m = model(**{which: True})

@@ -26,18 +26,10 @@ import math
 
 import lightning as L
 import torch
-from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from pc_lightning.config import MonitorConfig
-
-# Rybakov et al.'s layer kinds, by the role make_linear gives each matrix.
-ROLE_KIND = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "proj", "gate": "fc1", "up": "fc1", "down": "fc2"}
-
-
-def linear_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every block matrix, i.e. every module make_linear built (it carries ``.role``)."""
-    return [(name, m) for name, m in model.named_modules() if getattr(m, "role", None) in ROLE_KIND]
+from pc_lightning.layers import ROLES, iter_layers
 
 
 def max_causal_logit(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -71,7 +63,7 @@ class ActivationMonitor(L.Callback):
         self._step = trainer.global_step
 
         if self.norms:
-            for name, layer in linear_layers(model):
+            for name, layer in iter_layers(model):
                 def norm_hook(module, args, output, name=name):
                     values[f"act/{name}/l2"] = output.detach().float().norm(dim=-1).mean()
                 self._handles.append(layer.register_forward_hook(norm_hook))
@@ -99,9 +91,9 @@ class ActivationMonitor(L.Callback):
         values, self._values = self._values, {}
         if self.norms:
             by_kind: dict[str, list[torch.Tensor]] = {}
-            for name, layer in linear_layers(pl_module.model):
+            for name, layer in iter_layers(pl_module.model):
                 if f"act/{name}/l2" in values:
-                    by_kind.setdefault(ROLE_KIND[layer.role], []).append(values[f"act/{name}/l2"])
+                    by_kind.setdefault(ROLES[layer.role].kind, []).append(values[f"act/{name}/l2"])
             for kind, norms in by_kind.items():
                 values[f"act/{kind}/l2"] = torch.stack(norms).mean()
         if values and trainer.is_global_zero and trainer.logger is not None:

@@ -1,7 +1,7 @@
 """Gradient-norm monitor: total L2 norm of the gradient and the norm per layer kind.
 
 ||g|| = sqrt(sum_p ||g_p||^2) over all parameters, and the same sum restricted to one kind: the block matrices
-by Rybakov et al.'s kinds (qkv, proj, fc1, fc2; see :data:`ROLE_KIND`), plus ``embed`` (token embedding),
+by Rybakov et al.'s kinds (qkv, proj, fc1, fc2; see :data:`pc_lightning.layers.ROLES`), plus ``embed`` (token embedding),
 ``head`` (LM head) and ``norm`` (every other parameter: norm gains, PC gammas). Read in
 ``on_before_optimizer_step``, i.e. after the backward (and the AMP unscale) and before clipping, every
 ``monitor.every`` optimizer steps; one device->host copy per sampled step. Under FSDP each rank sees its shard,
@@ -17,15 +17,15 @@ import torch
 from torch import nn
 from torch.nn.utils import get_total_norm
 
-from pc_lightning.callbacks.activation_monitor import ROLE_KIND, linear_layers
+from pc_lightning.layers import ROLES, iter_layers
 
 
 def parameter_kinds(model: nn.Module) -> dict[int, str]:
     """id(parameter) -> kind, for every parameter of the Llama model."""
     kinds = {id(p): "norm" for p in model.parameters()}
-    for _, layer in linear_layers(model):
+    for _, layer in iter_layers(model):
         for p in layer.parameters():
-            kinds[id(p)] = ROLE_KIND[layer.role]
+            kinds[id(p)] = ROLES[layer.role].kind
     kinds[id(model.tok_emb.weight)] = "embed"
     kinds[id(model.lm_head.weight)] = "head"
     return kinds

@@ -16,28 +16,15 @@ import time
 
 import lightning as L
 import torch
-from torch import nn
 
+from pc_lightning.config import TSVDConfig
 from pc_lightning.distributed import full_parameters
-from pc_lightning.layers.tsvd_linear import TSVDLinear, retract
-
-
-def tsvd_layers(model: nn.Module) -> list[tuple[str, TSVDLinear]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, TSVDLinear)]
-
-
-def refresh_all(model: nn.Module, method: str) -> float:
-    """Refresh every TSVD layer, same-shape factors as one stack; returns the largest orthonormality error
-    afterwards (ends in a host sync)."""
-    layers = [layer for _, layer in tsvd_layers(model)]
-    if not layers:
-        return 0.0
-    return retract([pair for layer in layers for pair in layer.raw_and_cached()], method, layers[0].cfg.ns_steps)
+from pc_lightning.layers.tsvd_linear import refresh_all
 
 
 class OrthoRefresh(L.Callback):
-    def __init__(self, every: int, method: str):
-        self.every, self.method = every, method
+    def __init__(self, cfg: TSVDConfig):
+        self.cfg = cfg
         self._last_step = -1
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -46,7 +33,7 @@ class OrthoRefresh(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
         step = trainer.global_step  # counts optimizer steps: with accumulation, refresh once per step
-        if step == self._last_step or step % self.every:
+        if step == self._last_step or not self.cfg.refresh_due(step):
             return
         self._last_step = step
         timed = step % max(1, trainer.log_every_n_steps) == 0
@@ -55,7 +42,7 @@ class OrthoRefresh(L.Callback):
             torch.cuda.synchronize()
         start = time.perf_counter()
         with full_parameters(trainer.strategy):  # FSDP: the retraction needs whole factors (one all-gather)
-            error = refresh_all(pl_module, self.method)  # ends in a host sync
+            error = refresh_all(pl_module, self.cfg.ortho_method)  # ends in a host sync
         metrics = {"tsvd/ortho_error": error}
         if timed:
             metrics["tsvd/refresh_ms"] = (time.perf_counter() - start) * 1e3

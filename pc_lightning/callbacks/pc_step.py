@@ -39,11 +39,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pc_lightning.distributed import multi_process
+from pc_lightning.layers import iter_layers
 from pc_lightning.layers.pc_linear import PCLinear, effective_weights, power_iteration
-
-
-def pc_layers(model: nn.Module) -> list[PCLinear]:
-    return [m for m in model.modules() if isinstance(m, PCLinear)]
 
 
 def pc_parameter_names(model: nn.Module) -> list[str]:
@@ -61,7 +58,7 @@ class PCStep(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if str(trainer.precision) == "16-mixed":
             raise ValueError("PCStep does not support fp16 loss scaling (precision 16-mixed); use bf16-mixed")
-        self._layers = pc_layers(pl_module)
+        self._layers = [layer for _, layer in iter_layers(pl_module, PCLinear)]
         # Runs before the strategy wraps the module: DDP reads this list when it is built (and again when
         # RankAdaptation rebuilds it).
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(pl_module, pc_parameter_names(pl_module))

@@ -4,39 +4,14 @@ Every ``model.tsvd.rank_check_every`` optimizer steps, each layer moves to the r
 :func:`pc_lightning.layers.energy_rank.next_rank` gives: the energy threshold τ applied to the layer's singular
 values together with what lies *outside* its subspace: the values it dropped at earlier checks (kept in
 ``TSVDLinear.dropped``, decayed by the weight decay the optimizer has applied to s since) and, with
-``model.tsvd.lookahead`` (default), what a step of the loss would put outside (:func:`measure_lookahead`).
+``model.tsvd.lookahead`` (default), what a step of the loss would put outside (the lookahead, below).
 Shrinking drops the directions with the smallest value after that step (smallest |s| without it; at most
 ``max_shrink_fraction`` of the rank), growing appends the lookahead's outside directions with s = 0, within
 [r_min, r_max]; an outside direction may also replace a clearly weaker inside one. Docs: docs/tsvd.md.
 
-The lookahead (rank-adaptive augmented-basis step of dynamical low-rank training, Schotthöfer et al. 2022;
-Ceruti, Kusch & Lubich 2022; :mod:`pc_lightning.layers.lookahead`), on the batch of the step just taken:
-
-1. the batch's rows are split in two halves A and B (sample splitting: the directions are chosen on A and
-   measured on B, so B's noise is not what selected them; :func:`split_rows`);
-2. on A: the dense gradient G_A of every TSVD layer (:mod:`pc_lightning.callbacks.gradient_probe`), and from
-   it the augmented basis Ũ, Ṽ: the top k = min(r, min(m, n) − r) singular pairs of (I − UUᵀ) G_A (I − VVᵀ);
-3. on B: the blocks UᵀG_BV and ŨᵀG_BṼ, and the step direction D = −(U UᵀG_BV Vᵀ + Ũ ŨᵀG_BṼ Ṽᵀ) of every layer;
-4. the step t: a line search for the minimum of the loss of the *other* half A along D, every layer applying
-   W + tD (forward passes only; :func:`line_search`), over t ∈ [0, ‖W‖/‖D‖] (the step never moves the
-   weights by more than their norm), one number for the model; t = 0 (no lookahead) if no step lowers A's
-   loss. On a quadratic loss this is the Newton step ‖D‖² / DᵀHD; measured on held-out rows, it only goes
-   as far as the step generalises beyond the rows that set its values;
-5. per layer, the singular values of blockdiag(diag(s) − t·UᵀG_BV, −t·ŨᵀG_BṼ): ``inside`` and ``outside``.
-
-Why this gradient and this step: growth needs the normal block of G, which neither the factors' gradients nor
-any optimizer's moments or updates contain (they live in the tangent space of the rank-r matrices: for AdamW
-and Muon alike), so the dense gradient is computed by an extra forward/backward (no accumulation over the
-interval, which would need it at every step). The energy rule compares values with W's singular values, so
-the step must have W's units: a step of the learning rate's size puts ~nothing outside (the rule would erode
-as before), and Adam's and Muon's normalised updates have no length in W's units either. The line-search
-minimum along D is the loss's own answer to "how far would the dense matrix move there", independent of the
-optimizer, its learning rate and schedule. In the tiny CPU model it is small (t ≈ 0.02-0.06, outside
-energies ≲ 1% of a layer's), so growth there comes only where the loss pulls hard; the dropped-energy
-memory is what stops the erosion.
-
-Cost per check: one forward/backward pass of the batch (halves A and B) and typically 5-15 forward passes of
-half of it (the line search), run in fp32 with IEEE matmuls, and one dense out × in fp32 gradient at a time.
+The lookahead (:mod:`pc_lightning.callbacks.lookahead_probe`: the dense gradient of every TSVD layer on the
+batch of the step just taken, an augmented basis from its normal block, a line search for the step length) costs
+one forward/backward and typically 5-15 half-batch forwards per check. One check is :meth:`RankAdaptation.check`.
 
 Optimizer state (found through ``optimizer.state[param]``, in every part of a wrapper exposing
 ``.optimizers`` such as :class:`pc_lightning.optim.combined.CombinedOptimizer`):
@@ -66,7 +41,6 @@ parameters) does not support rank changes: the config refuses ``model.tsvd.rank_
 from __future__ import annotations
 
 import gc
-import math
 import numbers
 from collections.abc import Callable
 
@@ -75,20 +49,13 @@ import torch
 from lightning.pytorch.strategies import Strategy
 from torch.nn.parallel import DistributedDataParallel
 
-from pc_lightning.callbacks.gradient_probe import layer_gradients, perturbed_loss
-from pc_lightning.callbacks.ortho_refresh import tsvd_layers
+from pc_lightning.callbacks.lookahead_probe import Layers, Reduce, lm_loss, measure_lookahead
 from pc_lightning.config import TSVDConfig
+from pc_lightning.layers import iter_layers
 from pc_lightning.layers.energy_rank import RankDecision, next_rank
-from pc_lightning.layers.lookahead import Lookahead, augmented_basis, lookahead, project_blocks, step_direction
-from pc_lightning.layers.tsvd_linear import TSVDLinear, ieee_fp32_matmuls
+from pc_lightning.layers.lookahead import Lookahead
+from pc_lightning.layers.tsvd_linear import TSVDLinear
 from pc_lightning.model import count_parameters
-
-# the line search tries steps ‖W‖/‖D‖ · 2^-j for j up to this (a millionth of the longest)
-MAX_HALVINGS = 20
-
-Layers = list[tuple[str, TSVDLinear]]
-Reduce = Callable[[torch.Tensor], torch.Tensor]
-
 
 def base_optimizers(optimizers: list[torch.optim.Optimizer]) -> list[torch.optim.Optimizer]:
     """The optimizers that hold per-parameter state, unwrapping any wrapper with ``.optimizers``."""
@@ -138,86 +105,6 @@ def unwrap_ddp(strategy: Strategy) -> bool:
     return True
 
 
-def split_rows(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first and the second half of the batch's rows, or the batch twice when it has one row.
-
-    Contiguous halves keep the split the same under DDP: the sampler deals global samples to the ranks in
-    turn (rank i gets samples i, i + world, ...), so the first halves of all ranks' batches together are the
-    first half of the global batch, whatever the number of ranks."""
-    half = batch.shape[0] // 2
-    return (batch[:half], batch[half:]) if half else (batch, batch)
-
-
-def lm_loss(pl_module: L.LightningModule) -> Callable[[torch.Tensor], torch.Tensor]:
-    """batch (B, T+1) -> the training loss (cross-entropy + z-loss) of the model's plain forward."""
-    from pc_lightning.modules.pretrain import next_token_loss
-
-    model, z_loss = pl_module.model, pl_module.cfg.model.z_loss
-    return lambda batch: next_token_loss(model.forward(batch[:, :-1]), batch[:, 1:], z_loss)[0]
-
-
-def measure_lookahead(layers: Layers, loss_of: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor,
-                      reduce: Reduce = lambda t: t, seed: int = 0) -> tuple[float, dict[str, Lookahead]]:
-    """(line-search step t, {layer: lookahead values and directions}); steps 1-5 of the module docstring."""
-    half_a, half_b = split_rows(batch)
-    by_name = dict(layers)
-
-    def factors(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        layer = by_name[name]
-        return layer.U_ortho.float(), layer.V_ortho.float()
-
-    def basis(name: str, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        u, v = factors(name)
-        layer = by_name[name]
-        k = min(layer.rank, min(layer.in_features, layer.out_features) - layer.rank)
-        return augmented_basis(reduce(grad), u, v, k, seed)
-
-    with torch.autocast(batch.device.type, enabled=False), ieee_fp32_matmuls():
-        bases = layer_gradients(loss_of, layers, half_a, transform=basis)
-        blocks = layer_gradients(loss_of, layers, half_b, transform=lambda name, grad: tuple(
-            reduce(b) for b in project_blocks(grad, *factors(name), *bases[name])))
-        directions = {name: step_direction(*factors(name), *bases[name], *blocks[name]) for name in blocks}
-        slope = sum(float(inner.square().sum() + outer.square().sum()) for inner, outer in blocks.values())  # ‖D‖²
-        weight = sum(float(layer.s.detach().float().square().sum()) for _, layer in layers)  # ‖W‖²
-        step = 0.0
-        if slope > 0 and weight > 0:
-            step = line_search(lambda t: float(reduce(perturbed_loss(
-                loss_of, layers, half_a, {name: (t * a, b) for name, (a, b) in directions.items()}))),
-                math.sqrt(weight / slope))
-        return step, {name: lookahead(by_name[name].s, *bases[name], *blocks[name], step) for name in blocks}
-
-
-def line_search(loss_at: Callable[[float], float], longest: float) -> float:
-    """The step t in [0, longest] that minimises ``loss_at`` (step 4 of the module docstring): the best of
-    longest · 2^-j, j = 0..MAX_HALVINGS (scanned from the longest, stopping once the loss rises again), refined
-    by the vertex of the parabola through it and its two neighbours (0 and the next shorter step when the
-    longest is the best), kept between those neighbours; 0 when no step lowers the loss."""
-    points = [(0.0, loss_at(0.0))]
-    best = None
-    for j in range(MAX_HALVINGS + 1):
-        t = longest * 2.0**-j
-        points.append((t, loss_at(t)))
-        if points[-1][1] < (points[best][1] if best is not None else points[0][1]):
-            best = len(points) - 1
-        elif best is not None:
-            break
-    if best is None:
-        return 0.0
-    if best == 1:  # the longest step is the best: refine below it only (W never moves by more than its norm)
-        if len(points) < 3:
-            return points[1][0]
-        (x0, y0), (x1, y1), (x2, y2) = points[0], points[2], points[1]
-    else:
-        lower = points[best + 1] if best + 1 < len(points) else points[0]
-        (x0, y0), (x1, y1), (x2, y2) = lower, points[best], points[best - 1]
-    t = points[best][0]
-    curvature = ((y2 - y1) / (x2 - x1) - (y1 - y0) / (x1 - x0)) / (x2 - x0)
-    if curvature <= 0:
-        return t
-    vertex = 0.5 * (x1 + x2) - 0.5 * (y2 - y1) / (x2 - x1) / curvature
-    return min(max(vertex, x0), x2)
-
-
 class RankAdaptation(L.Callback):
     def __init__(self, cfg: TSVDConfig, decays_per_step: int = 1):
         """``decays_per_step``: how many times per optimizer step the optimizer that holds s applies its weight
@@ -250,34 +137,48 @@ class RankAdaptation(L.Callback):
         if step == self._last_step or step % self.cfg.rank_check_every:
             return
         self._last_step = step
-        layers = tsvd_layers(pl_module.model)
+        self.check(pl_module.model, trainer.optimizers, lm_loss(pl_module), batch if torch.is_tensor(batch) else None,
+                   trainer.strategy, seed=step)
+        self._log(trainer, pl_module)
+
+    def check(self, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer],
+              loss_of: Callable[[torch.Tensor], torch.Tensor] | None = None, batch: torch.Tensor | None = None,
+              strategy: Strategy | None = None, seed: int = 0) -> dict[str, int]:
+        """One rank check of every TSVD layer of ``model``: the lookahead of ``loss_of`` on ``batch`` (when both are
+        given and ``model.tsvd.lookahead`` is on), the rule's decisions (rank 0's for every rank under a
+        distributed ``strategy``), the new dropped values, then the resizes with their optimizer state. Returns
+        {layer name: new rank} of the layers whose factors changed."""
+        layers = iter_layers(model, TSVDLinear)
         evidence = None
-        if self.cfg.lookahead and torch.is_tensor(batch):
-            reduce = lambda t: trainer.strategy.reduce(t, reduce_op="mean")  # noqa: E731 (in place on DDP)
-            self.last_lookahead_step, evidence = measure_lookahead(layers, lm_loss(pl_module), batch, reduce,
-                                                                   seed=step)
-        decisions = trainer.strategy.broadcast(self.decide(layers, evidence), src=0)  # rank 0's for all
+        if self.cfg.lookahead and loss_of is not None and batch is not None:
+            reduce: Reduce = (lambda t: t) if strategy is None else (
+                lambda t: strategy.reduce(t, reduce_op="mean"))  # in place on DDP
+            self.last_lookahead_step, evidence = measure_lookahead(layers, loss_of, batch, reduce, seed)
+        decisions = self.decide(layers, evidence)
+        if strategy is not None:
+            decisions = strategy.broadcast(decisions, src=0)
         changes = self.set_dropped(layers, decisions)
         if changes:
-            rewrap = unwrap_ddp(trainer.strategy)
-            self.apply(pl_module.model, trainer.optimizers, changes, evidence)
+            rewrap = strategy is not None and unwrap_ddp(strategy)
+            self.apply(layers, optimizers, changes, evidence)
             if rewrap:
-                trainer.strategy.configure_ddp()
+                strategy.configure_ddp()
         self.decay = 1.0
-        self._log(trainer, pl_module)
+        return {name: rank for name, (rank, _) in changes.items()}
 
     @staticmethod
     def step_decay(optimizers: list[torch.optim.Optimizer], model: torch.nn.Module) -> float:
-        """1 − lr·weight_decay of the parameter group holding the TSVD singular values (1 if none decays them)."""
-        layers = tsvd_layers(model)
+        """Π (1 − lr·weight_decay) over the parameter groups holding the TSVD singular values (1 if none decays
+        them; Gauss-Newton's outer SGD holds them too, without decay)."""
+        layers = iter_layers(model, TSVDLinear)
         if not layers:
             return 1.0
-        s = layers[0][1].s
+        s, factor = layers[0][1].s, 1.0
         for opt in base_optimizers(optimizers):
             for group in opt.param_groups:
                 if any(p is s for p in group["params"]):
-                    return 1.0 - group["lr"] * group.get("weight_decay", 0.0)
-        return 1.0
+                    factor *= 1.0 - group["lr"] * group.get("weight_decay", 0.0)
+        return factor
 
     @torch.no_grad()
     def decide(self, layers: Layers, evidence: dict[str, Lookahead] | None = None) -> dict[str, RankDecision]:
@@ -308,12 +209,12 @@ class RankAdaptation(L.Callback):
 
     @staticmethod
     @torch.no_grad()
-    def apply(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], changes: dict[str, tuple[int, int]],
+    def apply(layers: Layers, optimizers: list[torch.optim.Optimizer], changes: dict[str, tuple[int, int]],
               evidence: dict[str, Lookahead] | None = None) -> None:
         """Resize the named layers to (new rank, directions kept), the new ones from the lookahead's outside
         directions, and remap their optimizer state."""
         parts = base_optimizers(optimizers)
-        for name, layer in tsvd_layers(model):
+        for name, layer in layers:
             if name not in changes:
                 continue
             rank, kept = changes[name]
@@ -325,24 +226,10 @@ class RankAdaptation(L.Callback):
                 for opt in parts:
                     remap_state(opt, param, old_shapes[param], keep, rank_dim)
 
-    def adapt(self, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer],
-              loss_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
-              batch: torch.Tensor | None = None) -> dict[str, int]:
-        """One rank check of every TSVD layer of ``model`` in one process (the lookahead on ``batch`` when
-        ``loss_of`` is given and ``model.tsvd.lookahead`` is on); returns the rank changes made."""
-        layers = tsvd_layers(model)
-        evidence = None
-        if loss_of is not None and batch is not None and self.cfg.lookahead:
-            self.last_lookahead_step, evidence = measure_lookahead(layers, loss_of, batch)
-        changes = self.set_dropped(layers, self.decide(layers, evidence))
-        self.apply(model, optimizers, changes, evidence)
-        self.decay = 1.0
-        return {name: rank for name, (rank, _) in changes.items()}
-
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.logger is None:
             return
-        metrics = {f"tsvd/rank/{name}": float(layer.rank) for name, layer in tsvd_layers(pl_module.model)}
+        metrics = {f"tsvd/rank/{name}": float(layer.rank) for name, layer in iter_layers(pl_module.model, TSVDLinear)}
         metrics["tsvd/parameters"] = float(count_parameters(pl_module.model))
         if self.last_lookahead_step is not None:
             metrics["tsvd/lookahead_step"] = self.last_lookahead_step

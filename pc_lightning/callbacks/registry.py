@@ -40,11 +40,11 @@ def configured_callbacks(cfg: ExperimentConfig, module: L.LightningModule) -> li
         from pc_lightning.callbacks.ortho_refresh import OrthoRefresh
         from pc_lightning.callbacks.rank_adaptation import RankAdaptation
 
-        callbacks.append(OrthoRefresh(cfg.model.tsvd.refresh_every, cfg.model.tsvd.ortho_method))
+        callbacks.append(OrthoRefresh(cfg.model.tsvd))
         if cfg.model.tsvd.rank_check_every > 0:
             # s is decayed at every inner step of a Gauss-Newton outer step: the dropped values follow suit
             callbacks.append(RankAdaptation(cfg.model.tsvd,
-                                            cfg.optim.inner_steps if cfg.optim.gauss_newton else 1))
+                                            cfg.optim.gn.inner_steps if cfg.optim.gauss_newton else 1))
     # --- stability monitors and spike detection ---
     mon = cfg.monitor
     if mon.activation_norms or mon.attn_logits or mon.log_z or mon.embed_std:
@@ -59,4 +59,9 @@ def configured_callbacks(cfg: ExperimentConfig, module: L.LightningModule) -> li
         from pc_lightning.callbacks.spike_detection import SpikeDetection
 
         callbacks.append(SpikeDetection(mon.spike))
+    # --- downstream evaluation (lm-evaluation-harness); after the monitors, whose hooks must not see its forwards ---
+    if mon.eval_tasks:
+        from pc_lightning.callbacks.downstream_eval import DownstreamEval
+
+        callbacks.append(DownstreamEval(mon, cfg.data))
     return callbacks

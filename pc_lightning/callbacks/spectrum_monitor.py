@@ -20,7 +20,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from pc_lightning.callbacks.activation_monitor import linear_layers
+from pc_lightning.layers import iter_layers
 from pc_lightning.distributed import full_parameters
 
 BOTTOM_FRACTION = 0.1
@@ -30,7 +30,7 @@ BOTTOM_FRACTION = 0.1
 def spectrum_metrics(model: nn.Module) -> dict[str, float]:
     """{metric name: value} for every block matrix of ``model`` plus the GMCN (one host sync)."""
     by_shape: dict[tuple[int, int, int], list[tuple[str, torch.Tensor]]] = {}
-    for name, layer in linear_layers(model):
+    for name, layer in iter_layers(model):
         w = layer.effective_weight().detach().float()
         # A rank-r layer (TSVD) has min(m, n) - r exact zeros: its spectrum is the r values it holds.
         rank = getattr(layer, "rank", min(w.shape))

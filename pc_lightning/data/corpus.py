@@ -19,7 +19,7 @@ from typing import Iterator
 
 import datasets
 
-from pc_lightning.config import DataConfig
+from pc_lightning.config import ConfigError, DataConfig
 
 
 def bible_chapters() -> list[str]:
@@ -39,9 +39,13 @@ def load_corpus(cfg: DataConfig) -> datasets.Dataset | datasets.IterableDataset:
     if cfg.source == "bible":
         ds = datasets.Dataset.from_dict({"text": bible_chapters()})
     else:
-        ds = datasets.load_dataset(
-            cfg.path, cfg.name, data_files=cfg.data_files, split=cfg.split, streaming=cfg.streaming
-        )
+        check_data_files(cfg)
+        try:
+            ds = datasets.load_dataset(
+                cfg.path, cfg.name, data_files=cfg.data_files, split=cfg.split, streaming=cfg.streaming
+            )
+        except FileNotFoundError as e:  # datasets' own "not found" (a hub name, a local directory)
+            raise ConfigError("data.path", f"{cfg.path}: {e}") from None
         if cfg.text_field not in (ds.column_names or [cfg.text_field]):
             raise KeyError(f"data.text_field: column '{cfg.text_field}' not in {ds.column_names}")
         if cfg.text_field != "text":
@@ -54,6 +58,27 @@ def load_corpus(cfg: DataConfig) -> datasets.Dataset | datasets.IterableDataset:
             range(min(cfg.max_docs, len(ds)))
         )
     return ds
+
+
+def check_data_files(cfg: DataConfig) -> None:
+    """ConfigError naming the first local ``data.data_files`` pattern that matches no file: for a packaged builder
+    ("text", "json", ...) datasets would build an empty corpus from it, or fail deep inside without naming it.
+    Patterns of a hub dataset (relative to its repository) and URLs are left to datasets."""
+    from datasets.data_files import resolve_pattern
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+    local_dir = cfg.path is not None and os.path.isdir(cfg.path)
+    if not local_dir and cfg.path not in _PACKAGED_DATASETS_MODULES:
+        return
+    base = cfg.path if local_dir else os.getcwd()
+    for pattern in cfg.data_files or []:
+        if "://" in pattern:
+            continue
+        try:
+            resolve_pattern(pattern, base_path=base)
+        except FileNotFoundError:
+            where = "" if os.path.isabs(pattern) else f" (relative to {base})"
+            raise ConfigError("data.data_files", f"no file matches {pattern!r}{where}") from None
 
 
 def is_validation_doc(index: int, val_fraction: float) -> bool:

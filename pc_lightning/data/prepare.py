@@ -25,7 +25,7 @@ import datasets
 import numpy as np
 from filelock import FileLock
 
-from pc_lightning.config import DataConfig
+from pc_lightning.config import ConfigError, DataConfig
 from pc_lightning.data.corpus import corpus_fingerprint, iter_lines, load_corpus, split_corpus
 from pc_lightning.data.tokenizer import EOT, load_tokenizer, train_bpe
 
@@ -79,7 +79,11 @@ def prepare(cfg: DataConfig) -> PreparedData:
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        meta = _build(cfg, tmp)
+        try:
+            meta = _build(cfg, tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed build leaves no half-written entry behind
+            raise
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         tmp.rename(target)
     return PreparedData(target, meta, cached=False)
@@ -118,10 +122,8 @@ def _build(cfg: DataConfig, out: Path) -> dict:
                     n_tokens += len(seq)
                     n_docs += 1
         if n_tokens < cfg.seq_len + 2:
-            raise ValueError(
-                f"data: the {split} split has only {n_tokens} tokens, fewer than data.seq_len+2; "
-                "use more documents or a larger data.val_fraction"
-            )
+            raise ConfigError("data", f"the {split} split has only {n_tokens} tokens, fewer than data.seq_len+2; "
+                                      "use more documents or a larger data.val_fraction")
         counts[split] = (n_tokens, n_docs)
     tokenize_seconds = time.perf_counter() - t0
 

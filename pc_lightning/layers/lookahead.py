@@ -5,7 +5,7 @@ tickets", NeurIPS 2022; Ceruti, Kusch, Lubich, "A rank-adaptive robust integrato
 approximation", BIT 2022) decides a factored layer's rank on an *augmented* basis: U and V are extended by r
 directions taken from the gradient, the 2r × 2r core takes a gradient step, and the energy rule truncates the
 core's spectrum, so the rank can grow where the step puts energy outside the old subspaces. Here, for a layer
-W = U diag(s) Vᵀ with the dense gradient G = ∂L/∂W (:mod:`pc_lightning.callbacks.gradient_probe`):
+W = U diag(s) Vᵀ with the dense gradient G = ∂L/∂W (:mod:`pc_lightning.callbacks.lookahead_probe`):
 
 * **basis** (:func:`augmented_basis`): Ũ, Ṽ = the top k singular pairs of the gradient's *normal* block
   (I − UUᵀ) G (I − VVᵀ), k = min(r, min(m, n) − r). DLRT augments with span[G V] and span[Gᵀ U]; those mixed

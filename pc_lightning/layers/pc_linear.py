@@ -44,6 +44,9 @@ class PCLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, cfg: PCConfig):
         super().__init__()
+        if cfg.level is None:
+            raise ValueError("model.pc.level must be resolved (config.resolve: the reference's level for optim.name) "
+                             "or set before building a PC layer")
         self.in_features, self.out_features = in_features, out_features
         self.level = cfg.level
         self.normalizer = cfg.normalizer

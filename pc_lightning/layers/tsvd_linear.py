@@ -169,6 +169,17 @@ def retract(factors: Sequence[tuple[torch.Tensor, torch.Tensor]], method: str, n
     return float(torch.stack(errors).max()) if errors else 0.0
 
 
+def refresh_all(model: nn.Module, method: str) -> float:
+    """Refresh every TSVD layer of ``model``, same-shape factors as one stack (:func:`retract`); returns the
+    largest orthonormality error afterwards (ends in a host sync)."""
+    from pc_lightning.layers import iter_layers
+
+    layers = [layer for _, layer in iter_layers(model, TSVDLinear)]
+    if not layers:
+        return 0.0
+    return retract([pair for layer in layers for pair in layer.raw_and_cached()], method, layers[0].cfg.ns_steps)
+
+
 def rank_bounds(in_features: int, out_features: int, cfg: TSVDConfig) -> tuple[int, int]:
     """[r_min, r_max] from the config fractions of min(m, n); r_min >= 1."""
     full = min(in_features, out_features)

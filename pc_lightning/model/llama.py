@@ -5,12 +5,15 @@ Touvron et al. 2023 (arXiv 2302.13971). Everything a variant changes is a field 
 
 * ``linear``: which kind of matrix the blocks use (dense, PC, TSVD), via :func:`make_linear`;
 * ``attn_norm`` (qk_norm / qkv_norm), ``post_proj_norm``, ``post_fc2_norm``: Rybakov et al. 2024
-  (arXiv 2410.16682); qkv_norm drops the pre-attention norm;
+  (arXiv 2410.16682); qkv_norm drops the pre-attention norm; ``qk_norm_scope`` says whether the q/k (and v)
+  LayerNorms normalise each head over head_dim (one LayerNorm(head_dim) shared by the heads) or the full width;
 * ``attn_softcap``, ``logit_softcap``: Gemma 2, ``cap * tanh(x / cap)``;
 * ``init: small`` and ``embed: scaled | layernorm``: Spike No More (Takase et al., arXiv 2312.16903),
-  std = sqrt(2 / (5 d)) for every linear, embedding output times sqrt(d) or a LayerNorm on it.
+  std = sqrt(2 / (5 d)) for every linear, embedding output times sqrt(d) or a LayerNorm on it;
+* ``init: torchtitan``: the Llama init of torchtitan, which the PC reference trains from (:func:`block_init_stds`).
 
-Out-projections (attention ``o`` and MLP ``down``) get their init std divided by sqrt(2 n_layers).
+With ``init: normal | small`` out-projections (attention ``o`` and MLP ``down``) get their init std divided by
+sqrt(2 n_layers).
 """
 
 from __future__ import annotations
@@ -42,10 +45,13 @@ class Attention(nn.Module):
         self.k = make_linear(d, d, "k", cfg)
         self.v = make_linear(d, d, "v", cfg)
         self.o = make_linear(d, d, "o", cfg)
-        # Rybakov et al.: LayerNorm on the projected q, k (and v), over the full model width.
-        self.q_norm = nn.LayerNorm(d) if cfg.attn_norm in ("qk_norm", "qkv_norm") else None
-        self.k_norm = nn.LayerNorm(d) if cfg.attn_norm in ("qk_norm", "qkv_norm") else None
-        self.v_norm = nn.LayerNorm(d) if cfg.attn_norm == "qkv_norm" else None
+        # Rybakov et al.: LayerNorm on the projected q, k (and v). Scope head: over each head's head_dim values,
+        # one LayerNorm(head_dim) applied to every head (its gain and bias shared by the heads); full: over d.
+        self.norm_per_head = cfg.qk_norm_scope == "head"
+        width = self.head_dim if self.norm_per_head else d
+        self.q_norm = nn.LayerNorm(width) if cfg.attn_norm in ("qk_norm", "qkv_norm") else None
+        self.k_norm = nn.LayerNorm(width) if cfg.attn_norm in ("qk_norm", "qkv_norm") else None
+        self.v_norm = nn.LayerNorm(width) if cfg.attn_norm == "qkv_norm" else None
         self.post_norm = nn.LayerNorm(d) if cfg.post_proj_norm else None
         # Hook point (identity): monitors read the (q, k) pair here, after qk-norm and RoPE.
         self.qk_probe = nn.Identity()
@@ -53,11 +59,12 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.q(x), self.k(x), self.v(x)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.v_norm is not None:
-            v = self.v_norm(v)
-        q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        if not self.norm_per_head:
+            q, k, v = self.normalise(q, k, v)  # (B, T, d): over the full width
+        q, k, v = (t.view(B, T, self.n_heads, self.head_dim) for t in (q, k, v))
+        if self.norm_per_head:
+            q, k, v = self.normalise(q, k, v)  # (B, T, heads, head_dim): each head over its own head_dim
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         q, k = self.qk_probe((apply_rope(q, cos, sin), apply_rope(k, cos, sin)))
         if self.softcap > 0:
             y = capped_attention(q, k, v, self.softcap)
@@ -65,6 +72,14 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         y = self.o(y.transpose(1, 2).reshape(B, T, -1))
         return self.post_norm(y) if self.post_norm is not None else y
+
+    def normalise(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The attn_norm LayerNorms over the last dimension (identity where a norm is off)."""
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.v_norm is not None:
+            v = self.v_norm(v)
+        return q, k, v
 
 
 def capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cap: float) -> torch.Tensor:
@@ -115,6 +130,32 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+def base_init_std(cfg: ModelConfig) -> float:
+    """The init std of the in-projections: sqrt(2 / (5 d)) with ``init: small``, else ``init_std``."""
+    return math.sqrt(2.0 / (5.0 * cfg.d_model)) if cfg.init == "small" else cfg.init_std
+
+
+def block_init_stds(cfg: ModelConfig, layer: int) -> dict[str, float]:
+    """The init std of every block matrix role in block ``layer`` (0-based); every linear kind draws its matrix
+    with it (``init_weights(std)``).
+
+    * ``normal`` / ``small``: :func:`base_init_std` for q, k, v, gate, up; divided by sqrt(2 n_layers) for the
+      out-projections o and down.
+    * ``torchtitan`` (its Llama ``init_weights`` with ``depth_init``, which the PC reference keeps): q, k, v and
+      gate (torchtitan's w1) at ``init_std`` (0.02); o, up (w3) and down (w2) at 0.02 / sqrt(2 (layer + 1)),
+      which grows smaller with depth and includes torchtitan's scaling of the up-projection. torchtitan draws
+      these from ``trunc_normal_`` with its default cut at ±2 (absolute), which is 100 std for 0.02: in effect
+      a plain normal, which is what we draw. The embedding (N(0, 1)) and the head (normal of std d^-½ cut at ±3
+      std) are set in :meth:`Llama.init_weights`; norms start at gain 1 (bias 0).
+    """
+    if cfg.init == "torchtitan":
+        std, deep = cfg.init_std, cfg.init_std / math.sqrt(2.0 * (layer + 1))
+        return {"q": std, "k": std, "v": std, "gate": std, "o": deep, "up": deep, "down": deep}
+    std = base_init_std(cfg)
+    out = std / math.sqrt(2.0 * cfg.n_layers)
+    return {"q": std, "k": std, "v": std, "gate": std, "up": std, "o": out, "down": out}
+
+
 class Llama(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -135,17 +176,22 @@ class Llama(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         cfg = self.cfg
-        # Spike No More uses the same std for the embedding, so with embed=scaled the embedding output has
-        # std sqrt(d) * sqrt(2/(5d)) = sqrt(2/5) ~ 0.63 at init: the paper's "close to 1" (section 4).
-        std = math.sqrt(2.0 / (5.0 * cfg.d_model)) if cfg.init == "small" else cfg.init_std
-        out_std = std / math.sqrt(2.0 * cfg.n_layers)
-        nn.init.normal_(self.tok_emb.weight, mean=0.0, std=std)
-        nn.init.normal_(self.lm_head.weight, mean=0.0, std=std)
-        for block in self.blocks:
-            for layer in (block.attn.q, block.attn.k, block.attn.v, block.mlp.gate, block.mlp.up):
-                layer.init_weights(std)
-            for layer in (block.attn.o, block.mlp.down):
-                layer.init_weights(out_std)
+        if cfg.init == "torchtitan":
+            nn.init.normal_(self.tok_emb.weight, mean=0.0, std=1.0)
+            head_std = cfg.d_model ** -0.5
+            nn.init.trunc_normal_(self.lm_head.weight, mean=0.0, std=head_std, a=-3 * head_std, b=3 * head_std)
+        else:
+            # Spike No More uses the same std for the embedding, so with embed=scaled the embedding output has
+            # std sqrt(d) * sqrt(2/(5d)) = sqrt(2/5) ~ 0.63 at init: the paper's "close to 1" (section 4).
+            std = base_init_std(cfg)
+            nn.init.normal_(self.tok_emb.weight, mean=0.0, std=std)
+            nn.init.normal_(self.lm_head.weight, mean=0.0, std=std)
+        for index, block in enumerate(self.blocks):
+            stds = block_init_stds(cfg, index)
+            # (the draw order of the earlier init, so that normal/small runs keep their initial weights)
+            for layer in (block.attn.q, block.attn.k, block.attn.v, block.mlp.gate, block.mlp.up, block.attn.o,
+                          block.mlp.down):
+                layer.init_weights(stds[layer.role])
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.tok_emb(idx)

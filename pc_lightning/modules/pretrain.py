@@ -2,7 +2,12 @@
 
 loss = CE(logits, next tokens) [+ z_loss * mean(logsumexp(logits)^2), PaLM / Wortsman et al.]
 Validation: token-weighted mean CE over the fixed validation windows and its perplexity exp(CE),
-accumulated with torchmetrics so that it is reduced correctly across DDP ranks.
+accumulated with torchmetrics so that it is reduced correctly across DDP ranks, and the tokenizer-independent
+bits per byte (``val/bpb``, as in the Pile and OLMo evaluations)
+
+    bpb = Σ_tokens CE (nats) / (ln 2 · Σ bytes of the target tokens' text)
+
+when the validation batches carry their target byte counts (:class:`~pc_lightning.data.datamodule.FixedWindows`).
 
 A non-finite loss, or a loss above the first step's loss by ``monitor.divergence_margin`` nats, raises
 :class:`Diverged` naming the step *before* the update is applied, so the last checkpoint stays usable and
@@ -18,7 +23,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, SumMetric
 
 from pc_lightning.config import ExperimentConfig, from_dict
 from pc_lightning.distributed import full_parameters
@@ -56,6 +61,8 @@ class PretrainModule(L.LightningModule):
         self.total_steps = total_steps
         self.model = Llama(self.cfg.model)
         self.val_loss = MeanMetric()
+        self.val_nats = SumMetric()  # Σ CE over the target tokens (nats), for bits per byte
+        self.val_bytes = SumMetric()  # Σ bytes of the target tokens' text
         self.initial_loss: float | None = None
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -98,10 +105,20 @@ class PretrainModule(L.LightningModule):
         self.initial_loss = checkpoint.get("initial_loss")
 
     # ------------------------------------------------------------------ validation
-    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+    def validation_step(self, batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        target_bytes = None
+        if isinstance(batch, (list, tuple)):  # (windows, bytes of each window's targets)
+            batch, target_bytes = batch
         x, y = batch[:, :-1], batch[:, 1:]
-        _, ce, _ = next_token_loss(self.model(x), y)
+        _, ce, _ = next_token_loss(self.validation_logits(x), y)
         self.val_loss.update(ce, weight=y.numel())
+        if target_bytes is not None:
+            self.val_nats.update(ce.detach() * y.numel())
+            self.val_bytes.update(target_bytes.sum())
+
+    def validation_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits validation scores: the model's own (Gauss-Newton may evaluate EMA weights instead)."""
+        return self.model(x)
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()  # already over every rank's batches: torchmetrics syncs in compute()
@@ -110,6 +127,11 @@ class PretrainModule(L.LightningModule):
         # warns on every multi-process validation that the epoch-level value may be a single rank's.
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         self.log("val/ppl", torch.exp(loss), sync_dist=True)
+        if self.val_bytes.update_count > 0:
+            nats, n_bytes = self.val_nats.compute(), self.val_bytes.compute()  # both summed over ranks
+            self.log("val/bpb", nats / (math.log(2) * n_bytes.clamp_min(1)), sync_dist=True)
+        self.val_nats.reset()
+        self.val_bytes.reset()
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):

@@ -1,17 +1,18 @@
 """Build the optimizer named by ``optim.name`` for a model (DESIGN.md section 5).
 
 * ``adamw``: ``torch.optim.AdamW``. Parameter groups: weight decay on matrices (``ndim >= 2``) and, with
-  ``decay_pc_gamma`` (default, as in the PC reference, which decays every parameter), on the PC layers'
-  gains γ, and with ``decay_tsvd_s`` (default) on the TSVD layers' singular values s; norms, other gains
-  and scalars get none. Why s: the TSVD layer retracts U and V onto orthonormal factors after every step,
-  and the Q of the QR of c·U is the Q of U, so the decay the matrix groups apply to U and V is undone;
-  ‖U diag(s) Vᵀ‖_F = ‖s‖ for orthonormal U, V, so decaying W in Frobenius norm, as a dense layer is
-  decayed, is decaying s (:func:`decayed_vector_names`).
+  ``decay_pc_gamma`` (default), on the PC layers' gains γ, and with ``decay_tsvd_s`` (default) on the TSVD
+  layers' singular values s; norms, other gains and scalars get none. Why s: the TSVD layer retracts U and V
+  onto orthonormal factors after every step, and the Q of the QR of c·U is the Q of U, so the decay the matrix
+  groups apply to U and V is undone; ‖U diag(s) Vᵀ‖_F = ‖s‖ for orthonormal U, V, so decaying W in Frobenius
+  norm, as a dense layer is decayed, is decaying s. With ``decay_all`` every parameter is decayed (norm gains
+  and biases, γ, TSVD s, embedding, head), as the PC reference does (its AdamW and its Muon's AdamW part take
+  ``model.parameters()`` with weight decay 0.1); this holds for every optimizer below (:func:`also_decayed`).
 * ``muon``: ``torch.optim.Muon`` (Keller Jordan 2024: Nesterov momentum, then ``ns_steps`` Newton-Schulz
   iterations that map the update to about U Vᵀ of its SVD, then lr scaled by ``adjust_lr_fn``:
   ``original`` = sqrt(max(1, rows/cols)), ``match_rms_adamw`` = 0.2·sqrt(max(rows, cols)), which gives the
   update the RMS of an AdamW update, so ``lr`` is on AdamW's scale) on the *hidden matrices*, AdamW with
-  ``adamw_lr`` on everything else, stepped together by :class:`CombinedOptimizer`.
+  ``muon.adamw_lr`` on everything else, stepped together by :class:`CombinedOptimizer`.
   Hidden matrices = every 2-D parameter under ``blocks.``: dense weights, the raw weight W of a PC layer
   (Muon orthogonalises the update of W; the polynomial acts on W in the forward) and the TSVD factors U and
   V (matrices whose rows/columns the layer re-orthonormalises anyway; Muon's update keeps their scale).
@@ -21,10 +22,13 @@
 * ``soap``: ``pytorch_optimizer.SOAP`` (Vyas et al. 2024, arXiv 2409.11321), see :func:`soap`.
 * ``gn`` / ``gn_layerwise``: the outer step belongs to
   :class:`~pc_lightning.modules.gauss_newton.GaussNewtonModule`; :func:`build_inner_optimizer` builds the
-  inner optimizer (``inner_optimizer`` = adamw | muon, every group at ``inner_lr``).
+  inner optimizer (``gn.inner_optimizer`` = adamw | muon, every group at ``gn.inner_lr``; betas and weight decay
+  from ``gn.inner_betas`` / ``gn.inner_weight_decay`` / ``gn.inner_muon_weight_decay`` where set).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytorch_optimizer
 import torch
@@ -46,20 +50,19 @@ def pc_gain_names(model: nn.Module) -> frozenset[str]:
 
 def tsvd_singular_value_names(model: nn.Module) -> frozenset[str]:
     """Parameter names of the TSVD layers' singular values s."""
+    from pc_lightning.layers import iter_layers
     from pc_lightning.layers.tsvd_linear import TSVDLinear
 
-    return frozenset(f"{name}.s" for name, m in model.named_modules() if isinstance(m, TSVDLinear))
+    return frozenset(f"{name}.s" for name, _ in iter_layers(model, TSVDLinear))
 
 
-def decayed_vector_names(model: nn.Module, cfg: OptimConfig) -> frozenset[str]:
-    """1-D parameters that get weight decay like the matrices: PC gains γ (``decay_pc_gamma``) and TSVD
-    singular values s (``decay_tsvd_s``)."""
-    names = frozenset()
-    if cfg.decay_pc_gamma:
-        names |= pc_gain_names(model)
-    if cfg.decay_tsvd_s:
-        names |= tsvd_singular_value_names(model)
-    return names
+def also_decayed(model: nn.Module, cfg: OptimConfig) -> frozenset[str]:
+    """Names of the parameters below 2-D that get weight decay too: all of them with ``decay_all``, else the PC
+    gains with ``decay_pc_gamma`` and the TSVD singular values with ``decay_tsvd_s``."""
+    if cfg.decay_all:
+        return frozenset(name for name, _ in model.named_parameters())
+    names = pc_gain_names(model) if cfg.decay_pc_gamma else frozenset()
+    return names | tsvd_singular_value_names(model) if cfg.decay_tsvd_s else names
 
 
 def decay_groups(params: NamedParams, weight_decay: float, lr: float,
@@ -85,17 +88,21 @@ def is_hidden_matrix(name: str, param: nn.Parameter) -> bool:
     return param.ndim == 2 and name.startswith("blocks.")
 
 
-def muon(params: NamedParams, cfg: OptimConfig, lr: float | None = None,
-         adamw_lr: float | None = None, also_decay: frozenset[str] = frozenset()) -> CombinedOptimizer:
+def muon(params: NamedParams, cfg: OptimConfig, lr: float | None = None, adamw_lr: float | None = None,
+         also_decay: frozenset[str] = frozenset(), muon_weight_decay: float | None = None) -> CombinedOptimizer:
+    """Muon on the hidden matrices (weight decay ``muon_weight_decay``, default ``cfg.weight_decay``), AdamW on
+    the rest."""
     lr = cfg.lr if lr is None else lr
-    adamw_lr = cfg.adamw_lr if adamw_lr is None else adamw_lr
+    adamw_lr = cfg.muon.adamw_lr if adamw_lr is None else adamw_lr
+    muon_weight_decay = cfg.weight_decay if muon_weight_decay is None else muon_weight_decay
     hidden = [(n, p) for n, p in params if is_hidden_matrix(n, p)]
     rest = [(n, p) for n, p in params if not is_hidden_matrix(n, p)]
     parts: list[torch.optim.Optimizer] = []
     if hidden:
         parts.append(torch.optim.Muon(
-            [{"params": [p for _, p in hidden], "name": "muon"}], lr=lr, weight_decay=cfg.weight_decay,
-            momentum=cfg.momentum, nesterov=cfg.nesterov, ns_steps=cfg.ns_steps, adjust_lr_fn=cfg.adjust_lr_fn,
+            [{"params": [p for _, p in hidden], "name": "muon"}], lr=lr, weight_decay=muon_weight_decay,
+            momentum=cfg.muon.momentum, nesterov=cfg.muon.nesterov, ns_steps=cfg.muon.ns_steps,
+            adjust_lr_fn=cfg.muon.adjust_lr_fn,
         ))
     if rest:
         parts.append(adamw(rest, cfg, lr=adamw_lr, also_decay=also_decay))
@@ -120,23 +127,29 @@ def soap(params: NamedParams, cfg: OptimConfig, also_decay: frozenset[str] = fro
     """
     return pytorch_optimizer.SOAP(
         decay_groups(params, cfg.weight_decay, cfg.lr, also_decay), lr=cfg.lr, betas=tuple(cfg.betas),
-        weight_decay=cfg.weight_decay, precondition_frequency=cfg.precondition_frequency,
-        max_precondition_dim=cfg.max_precond_dim, eps=cfg.eps,
+        weight_decay=cfg.weight_decay, precondition_frequency=cfg.soap.precondition_frequency,
+        max_precondition_dim=cfg.soap.max_precond_dim, eps=cfg.eps,
     )
 
 
 def build_inner_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The Gauss-Newton inner optimizer over all trainable parameters; every group at ``inner_lr``."""
+    """The Gauss-Newton inner optimizer over all trainable parameters; every group at ``gn.inner_lr``, with
+    ``gn.inner_betas`` / ``gn.inner_weight_decay`` / ``gn.inner_muon_weight_decay`` where set (else optim's)."""
+    gn = cfg.gn
+    betas = cfg.betas if gn.inner_betas is None else gn.inner_betas
+    weight_decay = cfg.weight_decay if gn.inner_weight_decay is None else gn.inner_weight_decay
+    inner = dataclasses.replace(cfg, betas=betas, weight_decay=weight_decay)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    also_decay = decayed_vector_names(model, cfg)
-    if cfg.inner_optimizer == "muon":
-        return muon(params, cfg, lr=cfg.inner_lr, adamw_lr=cfg.inner_lr, also_decay=also_decay)
-    return adamw(params, cfg, lr=cfg.inner_lr, also_decay=also_decay)
+    also_decay = also_decayed(model, cfg)
+    if gn.inner_optimizer == "muon":
+        return muon(params, inner, lr=gn.inner_lr, adamw_lr=gn.inner_lr, also_decay=also_decay,
+                    muon_weight_decay=gn.inner_muon_weight_decay)
+    return adamw(params, inner, lr=gn.inner_lr, also_decay=also_decay)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    also_decay = decayed_vector_names(model, cfg)
+    also_decay = also_decayed(model, cfg)
     if cfg.name == "adamw":
         return adamw(params, cfg, also_decay=also_decay)
     if cfg.name == "muon":

@@ -12,7 +12,7 @@ z(θ) the (N, V) logits, J = ∂z/∂θ at θ_t, p = softmax(z(θ_t)) per token 
   (never formed);
 * JΔ is a Jacobian-vector product (``torch.func.jvp``, forward mode), Jᵀw a vector-Jacobian product
   (``torch.func.vjp``, reverse mode), both through ``torch.func.functional_call`` at θ_t;
-* the GN matrix-vector product is G v = Jᵀ H J v (+ λ v); λ is ``optim.damping``.
+* the GN matrix-vector product is G v = Jᵀ H J v (+ λ v); λ is ``optim.gn.damping``.
 
 The loss (``next_token_loss`` of :mod:`pc_lightning.modules.pretrain`) per token i, with s_i = log Σ_j exp z_ij
 and λ_z = ``model.z_loss``, is ℓ_i = CE_i + λ_z s_i², L = (1/N) Σ_i ℓ_i. Since ∂s/∂z = p and

@@ -13,12 +13,14 @@ Each list holds ``key.path=value`` overrides or preset names under ``conf/`` (se
 seed, command-line overrides.
     seeds: [1337]
     lrs: [3.0e-3]                      # empty = the config's optim.lr
+    reference: baseline                # the variant the others are compared with; default: the first one
 
 Every combination is one :func:`pc_lightning.train.train` run nested under one MLflow parent run per
 ablation, tagged with its key ``variant|optimizer|lr|seed``. Re-running the command skips combinations
 that already have a finished or diverged run under that parent and retries failed or killed ones. A
-combination that fails (e.g. a variant whose code is not there yet) is recorded as a failed run and the
-grid goes on. At the end ``results/<name>/`` (summary.md, runs.csv, PNG plots) is rendered from MLflow by
+combination that fails (e.g. a variant whose code is not there yet) ends as a failed run carrying the error
+(its run is created before anything else, :func:`pc_lightning.train.open_run`) and the grid goes on. At the
+end ``results/<name>/`` (summary.md, runs.csv, PNG plots) is rendered from MLflow by
 :mod:`pc_lightning.sweep.report` -- the same code ``pcl report`` uses -- and attached to the parent run.
 """
 
@@ -33,9 +35,10 @@ from pathlib import Path
 import yaml
 
 from pc_lightning import tracking
-from pc_lightning.config import ConfigError, ExperimentConfig, _build
+from pc_lightning.config import ConfigError, ExperimentConfig, build
 from pc_lightning.sweep import runs
 from pc_lightning.sweep.space import compose_config, resolve_relative
+from pc_lightning.tracked_run import RunStatus
 
 
 @dataclass
@@ -47,6 +50,11 @@ class AblationSpec:
     overrides: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [1337])
     lrs: list[float] = field(default_factory=list)
+    reference: str | None = None  # the variant the report compares the others with; None = the first variant
+
+    @property
+    def reference_variant(self) -> str:
+        return self.reference or next(iter(self.variants))
 
 
 @dataclass(frozen=True)
@@ -80,12 +88,17 @@ def load_ablation(path: str | Path) -> AblationSpec:
     for section in ("variants", "optimizers"):  # `name:` with nothing after it means no overrides
         if isinstance(data.get(section), dict):
             data[section] = {k: v or [] for k, v in data[section].items()}
-    spec: AblationSpec = _build(AblationSpec, data)
+    spec: AblationSpec = build(AblationSpec, data)
     spec.base = str(resolve_relative(spec.base, path))
     if not spec.variants or not spec.optimizers or not spec.seeds:
         raise ConfigError("variants", "need at least one variant, one optimizer and one seed")
     if any(lr <= 0 for lr in spec.lrs):
         raise ConfigError("lrs", "learning rates must be positive")
+    if spec.reference is not None and spec.reference not in spec.variants:
+        raise ConfigError("reference", f"'{spec.reference}' is not a variant of this ablation "
+                                       f"(variants: {list(spec.variants)})")
+    if len(set(spec.seeds)) != len(spec.seeds):
+        raise ConfigError("seeds", f"a seed is listed twice: {spec.seeds}")
     return spec
 
 
@@ -113,31 +126,7 @@ def run_config(spec: AblationSpec, combo: Combination, overrides: list[str], par
 
 def is_done(run) -> bool:
     """Finished and diverged runs are results; failed, killed and running ones are redone."""
-    return run.info.status == "FINISHED" or run.data.tags.get("status") == "diverged"
-
-
-def runs_of_key(mlflow_client, parent_id: str, key: str) -> list:
-    return [r for r in runs.children(mlflow_client, mlflow_client.get_run(parent_id)) if r.data.tags.get("pcl.key") == key]
-
-
-def record_failure(mlflow_client, parent_id: str, cfg: ExperimentConfig, earlier: set[str], error: Exception) -> None:
-    """Make sure a failed combination has a FAILED child run carrying the error, even if it failed before
-    Lightning created its MLflow run (e.g. a layer or optimizer that is not implemented). ``earlier``: the
-    run ids this combination had before this attempt."""
-    mine = [r for r in runs_of_key(mlflow_client, parent_id, cfg.tracking.tags["pcl.key"])
-            if r.info.run_id not in earlier]
-    if mine:
-        run_id = mine[-1].info.run_id
-        if mlflow_client.get_run(run_id).info.status == "RUNNING":
-            mlflow_client.set_terminated(run_id, "FAILED")
-    else:
-        experiment_id = tracking.get_or_create_experiment(mlflow_client, cfg.tracking.experiment,
-                                                          tracking.tracking_uri(cfg.tracking))
-        run_id = mlflow_client.create_run(experiment_id, run_name=cfg.tracking.run_name,
-                                          tags={**cfg.tracking.tags, "mlflow.parentRunId": parent_id}).info.run_id
-        mlflow_client.set_terminated(run_id, "FAILED")
-    mlflow_client.set_tag(run_id, "status", "failed")
-    mlflow_client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])
+    return RunStatus.of(run) in (RunStatus.FINISHED, RunStatus.DIVERGED)
 
 
 def run_ablation(spec_path: str, overrides: list[str] | None = None) -> int:
@@ -154,33 +143,31 @@ def run_ablation(spec_path: str, overrides: list[str] | None = None) -> int:
     base = compose_config(spec.base, list(spec.overrides) + overrides)
     uri = tracking.tracking_uri(base.tracking)
     mlflow_client = tracking.client(uri)
-    parent_id = runs.find_or_create_parent(mlflow_client, uri, base.tracking.experiment, "ablation", spec.name, {
+    parent = runs.find_or_create_parent(mlflow_client, uri, base.tracking.experiment, "ablation", spec.name, {
         "pcl.ablation": spec.name, "pcl.spec": str(Path(spec_path).resolve()),
-        "pcl.variants": json.dumps(list(spec.variants)), "pcl.optimizers": json.dumps(list(spec.optimizers))})
-    done = {r.data.tags.get("pcl.key") for r in runs.children(mlflow_client, mlflow_client.get_run(parent_id))
-            if is_done(r)}
-
-    todo = [c for c in grid if c.key not in done]
-    print(f"ablation '{spec.name}': {len(grid)} runs, {len(grid) - len(todo)} already done, {len(todo)} to run")
+        "pcl.variants": json.dumps(list(spec.variants)), "pcl.optimizers": json.dumps(list(spec.optimizers)),
+        "pcl.reference": spec.reference_variant})
     failures = 0
-    for i, combo in enumerate(todo, 1):
-        cfg = run_config(spec, combo, overrides, parent_id)
-        earlier = {r.info.run_id for r in runs_of_key(mlflow_client, parent_id, combo.key)}
-        started = time.time()
-        try:
-            result = train(cfg, quiet=True)
-            print(f"[{i}/{len(todo)}] {combo.key}: {result.status}, val/loss="
-                  f"{result.metrics.get('val/loss', float('nan')):.4f} ({time.time() - started:.0f}s)")
-        except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (Lightning raises SIGTERMException)
-            mlflow_client.set_terminated(parent_id, "KILLED")
-            print(f"pcl: ablation '{spec.name}' interrupted; run the same command to resume", file=sys.stderr)
-            return 130
-        except Exception as e:  # one broken combination must not stop the grid; it is recorded as failed
-            failures += 1
-            record_failure(mlflow_client, parent_id, cfg, earlier, e)
-            print(f"[{i}/{len(todo)}] {combo.key}: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
-
-    out_dir = publish_ablation(mlflow_client, parent_id)
-    mlflow_client.set_terminated(parent_id, "FINISHED")
+    try:
+        with parent:  # finished, or killed by Ctrl-C/SIGTERM (Lightning raises SIGTERMException), or failed
+            done = {r.data.tags.get("pcl.key")
+                    for r in runs.children(mlflow_client, mlflow_client.get_run(parent.run_id))
+                    if is_done(r)}
+            todo = [c for c in grid if c.key not in done]
+            print(f"ablation '{spec.name}': {len(grid)} runs, {len(grid) - len(todo)} already done, {len(todo)} to run")
+            for i, combo in enumerate(todo, 1):
+                cfg = run_config(spec, combo, overrides, parent.run_id)
+                started = time.time()
+                try:
+                    result = train(cfg, quiet=True)
+                    print(f"[{i}/{len(todo)}] {combo.key}: {result.status}, val/loss="
+                          f"{result.metrics.get('val/loss', float('nan')):.4f} ({time.time() - started:.0f}s)")
+                except Exception as e:  # one broken combination must not stop the grid; its run ended failed
+                    failures += 1
+                    print(f"[{i}/{len(todo)}] {combo.key}: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+            out_dir = publish_ablation(mlflow_client, parent.run_id)
+    except (KeyboardInterrupt, SystemExit):
+        print(f"pcl: ablation '{spec.name}' interrupted; run the same command to resume", file=sys.stderr)
+        return 130
     print(f"ablation '{spec.name}': summary in {out_dir / 'summary.md'}")
     return 1 if failures else 0

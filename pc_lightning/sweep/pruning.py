@@ -10,6 +10,9 @@ Under DDP/FSDP every rank runs this callback with an ``optuna_integration.TorchD
 :mod:`pc_lightning.sweep.study`): rank 0's value is broadcast first, so all ranks take the same branch,
 ``report`` reaches Optuna from rank 0 only, and ``should_prune()`` is broadcast, so all ranks stop together
 instead of one waiting in a collective for the others.
+
+A pruned trial raises :class:`Pruned` (an ``optuna.TrialPruned``, so Optuna records the trial PRUNED); its
+training run closes with status ``pruned`` (:mod:`pc_lightning.tracked_run`).
 """
 
 from __future__ import annotations
@@ -19,14 +22,16 @@ import math
 import lightning as L
 import optuna
 
+from pc_lightning.tracked_run import RunStatus
+
+
+class Pruned(optuna.TrialPruned):
+    run_status = RunStatus.PRUNED
+
 
 class OptunaPruning(L.Callback):
     def __init__(self, trial: optuna.trial.BaseTrial, metric: str = "val/loss"):
         self.trial, self.metric = trial, metric
-        self.run_id: str | None = None  # the MLflow run of this trial, for marking it pruned afterwards
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.run_id = getattr(trainer.logger, "run_id", None)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -38,4 +43,4 @@ class OptunaPruning(L.Callback):
         step = trainer.global_step
         self.trial.report(value, step)
         if self.trial.should_prune():
-            raise optuna.TrialPruned(f"trial {self.trial.number} pruned at step {step} ({self.metric}={value:.4f})")
+            raise Pruned(f"trial {self.trial.number} pruned at step {step} ({self.metric}={value:.4f})")

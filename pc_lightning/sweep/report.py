@@ -4,10 +4,12 @@ Everything is read back from storage -- MLflow runs (tags, params, metric histor
 Optuna storage named by the parent run's ``pcl.storage`` tag; nothing is recomputed or re-trained. ``pcl
 ablate`` and ``pcl sweep`` call the same functions at the end, so their output and ``pcl report`` agree.
 
-Ablation summary, one row per variant x optimizer (seeds averaged; with several LRs, at the best LR):
-final and best val loss, perplexity exp(final loss), tokens/s, parameters, loss spikes (``spike/count``),
-diverged runs, maximum stable LR and the Wortsman LR sensitivity (:mod:`pc_lightning.sweep.lr_sensitivity`)
-with l0 = ln(vocab).
+Ablation summary, one row per variant x optimizer (with several LRs, at the LR of lowest mean final loss):
+final and best val loss as mean ± sd over seeds and n, perplexity exp(mean final loss), tokens/s, parameters,
+loss spikes (``spike/count``) and diverged runs; then every variant against the reference variant with the same
+optimizer, as the mean paired difference over seeds with a 95% t-interval; with an LR grid, the maximum stable
+LR and the Wortsman LR sensitivity (:mod:`pc_lightning.sweep.lr_sensitivity`, l0 = ln(vocab)) per seed,
+aggregated and compared the same way. The arithmetic is in :mod:`pc_lightning.sweep.statistics`.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ import yaml
 from pc_lightning import tracking
 from pc_lightning.config import ConfigError, TrackingConfig
 from pc_lightning.sweep import runs
-from pc_lightning.sweep.lr_sensitivity import lr_sensitivity, max_stable_lr
+from pc_lightning.sweep.lr_sensitivity import capped_loss, lr_sensitivity, max_stable_lr
 from pc_lightning.sweep.space import is_journal
+from pc_lightning.sweep.statistics import PairedDifference, Spread, paired_difference, seed_band, spread
+from pc_lightning.tracked_run import RunStatus
 
-DONE = ("finished", "diverged")
+DONE = (RunStatus.FINISHED, RunStatus.DIVERGED)
 
 
 def _plt():
@@ -68,7 +72,7 @@ class RunRow:
 
 
 def _run_status(run) -> str:
-    return run.data.tags.get("status") or run.info.status.lower()
+    return RunStatus.of(run) or "running"
 
 
 def run_row(mlflow_client, run) -> RunRow:
@@ -102,21 +106,54 @@ def select_runs(rows: list[RunRow]) -> list[RunRow]:
 
 @dataclass
 class GroupSummary:
+    """One variant x optimizer over its seeds. Loss values are per seed at the group's LR (``lr``), capped at l0
+    (a diverged run counts as l0); the LR-grid values are per seed over the whole grid."""
+
     variant: str
     optimizer: str
-    lr: float | None  # the best LR of the grid (the only one without an LR grid)
-    final_val_loss: float | None
-    best_val_loss: float | None
-    val_ppl: float | None
+    lr: float | None  # the LR with the lowest mean final loss (the only one without an LR grid)
+    final_by_seed: dict[int, float]
+    best_by_seed: dict[int, float]
     tokens_per_sec: float | None
     parameters: int | None
     spikes: float | None
     diverged: int
     runs: int
     failed: int
-    max_stable_lr: float | None
-    lr_sensitivity: float | None
-    losses_by_lr: dict[float, float | None]
+    lr_grid: list[float]  # every LR this group was run at (failed runs included)
+    losses_by_lr: dict[float, Spread]  # capped final loss over the seeds with a result, per LR
+    diverged_by_lr: dict[float, int]
+    max_stable_lr_by_seed: dict[int, float]  # seeds with a complete grid and a stable LR
+    lr_sensitivity_by_seed: dict[int, float]  # seeds with a complete grid
+    incomplete_seeds: list[int]  # seeds without a result at every LR of the grid: no LR statistics
+    no_stable_lr_seeds: list[int]  # complete seeds where every LR diverged or ended at or above l0
+
+    @property
+    def final_val_loss(self) -> Spread:
+        return spread(self.final_by_seed.values())
+
+    @property
+    def best_val_loss(self) -> Spread:
+        return spread(self.best_by_seed.values())
+
+    @property
+    def val_ppl(self) -> float | None:
+        """exp(mean final loss): the geometric mean of the seeds' perplexities."""
+        mean_loss = self.final_val_loss.mean
+        return math.exp(mean_loss) if mean_loss is not None else None
+
+    @property
+    def has_lr_grid(self) -> bool:
+        return len(self.lr_grid) > 1
+
+    @property
+    def max_stable_lr_log(self) -> Spread:
+        """Mean ± sd of ln(max stable LR): exp(mean) is the geometric mean, exp(sd) the geometric sd factor."""
+        return spread(math.log(lr) for lr in self.max_stable_lr_by_seed.values())
+
+    @property
+    def lr_sensitivity(self) -> Spread:
+        return spread(self.lr_sensitivity_by_seed.values())
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -124,33 +161,113 @@ def _mean(values: list[float | None]) -> float | None:
     return mean(values) if values else None
 
 
+def run_final_loss(row: RunRow, l0: float | None) -> float | None:
+    """A run's final val loss for the statistics: l0 if it diverged, else capped at l0. None (left out): a run
+    without a validation, or, without l0 (unknown vocabulary), a diverged run or a non-finite loss."""
+    if row.status == "diverged":
+        return l0
+    if row.final_val_loss is None:
+        return None
+    if l0 is not None:
+        return capped_loss(row.final_val_loss, l0)
+    return row.final_val_loss if math.isfinite(row.final_val_loss) else None
+
+
+def run_best_loss(row: RunRow, l0: float | None) -> float | None:
+    """Best val loss, capped at l0 (a diverged run keeps the best validation it reached before diverging)."""
+    if l0 is not None:
+        return capped_loss(row.best_val_loss, l0)
+    return row.best_val_loss if row.best_val_loss is not None and math.isfinite(row.best_val_loss) else None
+
+
+def _by_seed(rows: list[RunRow], value) -> dict[int, float]:
+    out = {}
+    for r in rows:
+        v = value(r)
+        if v is not None:
+            out[r.seed] = v
+    return out
+
+
 def summarize(variant: str, optimizer: str, rows: list[RunRow]) -> GroupSummary:
     results = [r for r in rows if r.status in DONE]
-    by_lr: dict[float, list[RunRow]] = {}
-    for r in sorted(results, key=lambda r: r.lr):
-        by_lr.setdefault(r.lr, []).append(r)
-    # l(eta): mean final loss over seeds; any diverged seed makes the LR count as diverged (None)
-    losses: dict[float, float | None] = {
-        lr: None if any(r.status == "diverged" for r in rs) else _mean([r.final_val_loss for r in rs])
-        for lr, rs in by_lr.items()}
-    l0 = next((r.initial_loss for r in results if r.initial_loss), None)
-    stable = {lr: loss for lr, loss in losses.items() if loss is not None}
-    best_lr = min(stable, key=stable.get) if stable else None
-    at_best = [r for r in by_lr.get(best_lr, []) if r.status == "finished"]
-    final = _mean([r.final_val_loss for r in at_best])
+    l0 = next((r.initial_loss for r in rows if r.initial_loss), None)
+    grid = sorted({r.lr for r in rows if math.isfinite(r.lr)})  # a run that failed before it had an LR: NaN
+    by_lr: dict[float, list[RunRow]] = {lr: [r for r in results if r.lr == lr] for lr in grid}
+    losses = {lr: spread(_by_seed(rs, lambda r: run_final_loss(r, l0)).values()) for lr, rs in by_lr.items() if rs}
+    # the row's LR: the lowest mean final loss over seeds (a diverged seed counts as l0)
+    best_lr = min((lr for lr in losses if losses[lr].n), key=lambda lr: losses[lr].mean, default=None)
+    at_best = by_lr.get(best_lr, [])
+
+    # LR sensitivity and max stable LR per seed, over the whole grid; only seeds with a result at every LR
+    lr_sens, max_lr, incomplete, no_stable = {}, {}, [], []
+    if len(grid) > 1 and l0 is not None:
+        for seed in sorted({r.seed for r in rows}):
+            per_lr = {r.lr: run_final_loss(r, l0) for r in results if r.seed == seed}
+            per_lr = {lr: loss for lr, loss in per_lr.items() if loss is not None}  # diverged = l0: unstable
+            if set(per_lr) != set(grid):
+                incomplete.append(seed)
+                continue
+            lr_sens[seed] = lr_sensitivity(per_lr, l0)
+            stable = max_stable_lr(per_lr, l0)
+            if stable is None:
+                no_stable.append(seed)
+            else:
+                max_lr[seed] = stable
+
     spikes = [r.spikes for r in results if r.spikes is not None]
     return GroupSummary(
-        variant=variant, optimizer=optimizer, lr=best_lr, final_val_loss=final,
-        best_val_loss=_mean([r.best_val_loss for r in at_best]),
-        val_ppl=math.exp(final) if final is not None else None,
+        variant=variant, optimizer=optimizer, lr=best_lr,
+        final_by_seed=_by_seed(at_best, lambda r: run_final_loss(r, l0)),
+        best_by_seed=_by_seed(at_best, lambda r: run_best_loss(r, l0)),
         tokens_per_sec=_mean([r.tokens_per_sec for r in results if r.status == "finished"]),
         parameters=next((r.parameters for r in rows if r.parameters), None),
         spikes=sum(spikes) if spikes else None,
-        diverged=sum(r.status == "diverged" for r in results), runs=len(results),
-        failed=len(rows) - len(results),
-        max_stable_lr=max_stable_lr(losses, l0) if l0 and len(losses) > 1 else None,
-        lr_sensitivity=lr_sensitivity(losses, l0) if l0 and len(losses) > 1 else None,
-        losses_by_lr=losses)
+        diverged=sum(r.status == "diverged" for r in results), runs=len(results), failed=len(rows) - len(results),
+        lr_grid=grid, losses_by_lr=losses,
+        diverged_by_lr={lr: sum(r.status == "diverged" for r in rs) for lr, rs in by_lr.items()},
+        max_stable_lr_by_seed=max_lr, lr_sensitivity_by_seed=lr_sens, incomplete_seeds=incomplete,
+        no_stable_lr_seeds=no_stable)
+
+
+@dataclass
+class Comparison:
+    """A group against the reference variant with the same optimizer, paired by seed (None: no reference)."""
+
+    group: GroupSummary
+    reference: GroupSummary | None
+    final_val_loss: PairedDifference | None
+    best_val_loss: PairedDifference | None
+    lr_sensitivity: PairedDifference | None
+    max_stable_lr_log: PairedDifference | None  # of ln LR: exp(mean) is the geometric-mean ratio
+
+    @property
+    def is_reference(self) -> bool:
+        return self.reference is self.group
+
+
+def compare(group: GroupSummary, reference: GroupSummary | None) -> Comparison:
+    """Paired differences group - reference over the seeds both have (each side at its own row LR)."""
+    if reference is None:
+        return Comparison(group, None, None, None, None, None)
+    grid = group.has_lr_grid and reference.has_lr_grid
+
+    def log_lr(g: GroupSummary) -> dict[int, float]:
+        return {seed: math.log(lr) for seed, lr in g.max_stable_lr_by_seed.items()}
+
+    return Comparison(
+        group, reference,
+        final_val_loss=paired_difference(group.final_by_seed, reference.final_by_seed),
+        best_val_loss=paired_difference(group.best_by_seed, reference.best_by_seed),
+        lr_sensitivity=paired_difference(group.lr_sensitivity_by_seed, reference.lr_sensitivity_by_seed)
+        if grid else None,
+        max_stable_lr_log=paired_difference(log_lr(group), log_lr(reference)) if grid else None)
+
+
+def compare_all(groups: list[GroupSummary], reference: str) -> list[Comparison]:
+    """Every group against ``reference`` x the same optimizer."""
+    refs = {g.optimizer: g for g in groups if g.variant == reference}
+    return [compare(g, refs.get(g.optimizer)) for g in groups]
 
 
 def _fmt(value, spec: str, none: str = "–") -> str:
@@ -163,25 +280,135 @@ def _fmt_params(n: int | None) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
 
 
-def summary_markdown(name: str, groups: list[GroupSummary], rows: list[RunRow]) -> str:
+def _fmt_spread(s: Spread, spec: str) -> str:
+    """'mean ± sd'; one value alone; '–' for none."""
+    if s.n == 0:
+        return "–"
+    return format(s.mean, spec) if s.sd is None else f"{format(s.mean, spec)} ± {format(s.sd, spec)}"
+
+
+def _fmt_geometric(s: Spread) -> str:
+    """A spread of ln values as 'geometric mean ×/÷ geometric sd factor'."""
+    if s.n == 0:
+        return "–"
+    return f"{math.exp(s.mean):.3g}" if s.sd is None else f"{math.exp(s.mean):.3g} ×/÷ {math.exp(s.sd):.2f}"
+
+
+MARKER = "*"
+
+
+def _fmt_difference(d: PairedDifference | None, spec: str, ratio: bool = False) -> str:
+    """'mean [low, high] *' (the marker when the interval excludes 0); a single pair has no interval.
+    ratio: d is a difference of ln values, shown as the ratio exp(d) (the marker: the interval excludes 1)."""
+    if d is None or d.n == 0:
+        return "–"
+    show = (lambda v: f"{math.exp(v):.3g}×") if ratio else (lambda v: format(v, spec))
+    if not d.has_interval:
+        return f"{show(d.mean)} (1 seed: no CI)"
+    return f"{show(d.mean)} [{show(d.low)}, {show(d.high)}]" + (f" {MARKER}" if d.excludes_zero else "")
+
+
+def _fmt_pairs(d: PairedDifference | None) -> str:
+    if d is None:
+        return "–"
+    return str(d.n) + (f" ({d.unpaired} unpaired)" if d.unpaired else "")
+
+
+def _seed_list(seeds: list[int]) -> str:
+    return ", ".join(str(s) for s in seeds)
+
+
+def summary_markdown(name: str, groups: list[GroupSummary], rows: list[RunRow], reference: str | None = None) -> str:
+    reference = reference or (groups[0].variant if groups else None)
+    comparisons = compare_all(groups, reference)
+    seeds = sorted({r.seed for r in rows})
+    most = max((g.final_val_loss.n for g in groups), default=0)
     lines = [f"# Ablation `{name}`", "",
              f"{sum(g.runs for g in groups)} runs with results, {sum(g.diverged for g in groups)} diverged, "
-             f"{sum(g.failed for g in groups)} failed. Seeds averaged; with an LR grid the losses are at the best "
-             "LR. LR sens. = Wortsman et al. 2023 E_lr[min(l, l0) - min_lr l], l0 = ln(vocab); "
-             "max stable LR = largest LR with no divergence and loss < l0.", "",
-             "| variant | optimizer | LR | final val loss | best val loss | val ppl | tokens/s | params | spikes "
-             "| diverged | max stable LR | LR sens. |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"{sum(g.failed for g in groups)} failed; seeds {_seed_list(seeds)}. Reference variant: "
+             f"`{reference}`.", ""]
+    if most <= 1:
+        lines += ["**1 seed: no confidence interval.** The table shows single runs and the differences below are "
+                  "single-seed differences; run the ablation with several `seeds:` for mean ± sd and intervals.",
+                  ""]
+    lines += [
+        "## Mean over seeds", "",
+        "Loss columns: mean ± sample standard deviation over the n seeds with a result at the row's LR (the LR "
+        "with the lowest mean final loss when the ablation has an LR grid). A diverged run counts as "
+        "l0 = ln(vocab) and a loss above l0 is capped at l0 (as in the LR sensitivity); failed and missing runs "
+        "are left out. val ppl = exp(mean final val loss). tokens/s: mean over finished runs; spikes: total over "
+        "all runs.", "",
+        "| variant | optimizer | LR | n | final val loss | best val loss | val ppl | tokens/s | params | spikes "
+        "| diverged |",
+        "|---|---|---|---|---|---|---|---|---|---|---|"]
     for g in groups:
         if g.runs == 0:
-            lines.append(f"| {g.variant} | {g.optimizer} | failed | | | | | | | | | |")
+            lines.append(f"| {g.variant} | {g.optimizer} | failed | 0 | | | | | | | |")
             continue
         diverged = "no" if g.diverged == 0 else f"yes ({g.diverged}/{g.runs})"
         lines.append(
-            f"| {g.variant} | {g.optimizer} | {_fmt(g.lr, 'g')} | {_fmt(g.final_val_loss, '.4f')} "
-            f"| {_fmt(g.best_val_loss, '.4f')} | {_fmt(g.val_ppl, '.1f')} | {_fmt(g.tokens_per_sec, ',.0f')} "
-            f"| {_fmt_params(g.parameters)} | {_fmt(g.spikes, '.0f')} | {diverged} | {_fmt(g.max_stable_lr, 'g')} "
-            f"| {_fmt(g.lr_sensitivity, '.4f')} |")
+            f"| {g.variant} | {g.optimizer} | {_fmt(g.lr, 'g')} | {g.final_val_loss.n} "
+            f"| {_fmt_spread(g.final_val_loss, '.4f')} | {_fmt_spread(g.best_val_loss, '.4f')} "
+            f"| {_fmt(g.val_ppl, '.1f')} | {_fmt(g.tokens_per_sec, ',.0f')} | {_fmt_params(g.parameters)} "
+            f"| {_fmt(g.spikes, '.0f')} | {diverged} |")
+
+    lines += [
+        "", f"## Paired differences vs `{reference}`", "",
+        f"Δ = variant − `{reference}` with the same optimizer, on runs paired by seed (same seed = same data "
+        "order; each side at its own row LR). Cells: mean of the paired differences [95% Student t-interval "
+        "mean ± t(0.975, n−1)·sd/√n on the paired differences]; "
+        f"`{MARKER}` = the interval excludes 0. Negative Δ loss = lower loss than the reference. A seed with a "
+        "result on one side only is left out and counted as unpaired; a diverged run is paired, at l0.", "",
+        "| variant | optimizer | pairs | Δ final val loss | Δ best val loss |",
+        "|---|---|---|---|---|"]
+    for c in comparisons:
+        g = c.group
+        if c.is_reference:
+            lines.append(f"| {g.variant} | {g.optimizer} | reference | | |")
+        elif c.reference is None:
+            lines.append(f"| {g.variant} | {g.optimizer} | no `{reference}` / {g.optimizer} runs | – | – |")
+        else:
+            lines.append(f"| {g.variant} | {g.optimizer} | {_fmt_pairs(c.final_val_loss)} "
+                         f"| {_fmt_difference(c.final_val_loss, '+.4f')} "
+                         f"| {_fmt_difference(c.best_val_loss, '+.4f')} |")
+
+    if any(g.has_lr_grid for g in groups):
+        lines += [
+            "", "## LR grid: max stable LR and LR sensitivity", "",
+            "Per seed over the whole LR grid, then over seeds. LR sens. = Wortsman et al. 2023 "
+            "E_lr[min(l, l0) − min_lr l] with l0 = ln(vocab) and a diverged run = l0: mean ± sd. Max stable LR = "
+            "largest LR with no divergence and final loss < l0: geometric mean ×/÷ geometric sd (the grid is "
+            f"log-spaced). Against `{reference}` (same optimizer, paired by seed): the ratio of max stable LRs "
+            "(t-interval on the paired ln ratios, `*` = excludes 1) and Δ LR sens. (t-interval, `*` = excludes 0), "
+            "both 95%. n = seeds with a result at every LR of the grid.", "",
+            "| variant | optimizer | n | max stable LR | LR sens. | max stable LR ÷ reference | Δ LR sens. |",
+            "|---|---|---|---|---|---|---|"]
+        notes = []
+        for c in comparisons:
+            g = c.group
+            if not g.has_lr_grid:
+                continue
+            if c.is_reference:
+                vs = "reference | reference"
+            elif c.reference is None:
+                vs = "– | –"
+            else:
+                vs = f"{_fmt_difference(c.max_stable_lr_log, '', ratio=True)} | " \
+                     f"{_fmt_difference(c.lr_sensitivity, '+.4f')}"
+                if c.lr_sensitivity is not None and c.lr_sensitivity.unpaired:
+                    notes.append(f"{g.variant} / {g.optimizer}: {c.lr_sensitivity.n} seed pairs, "
+                                 f"{c.lr_sensitivity.unpaired} unpaired seeds left out of Δ LR sens.")
+            lines.append(f"| {g.variant} | {g.optimizer} | {len(g.lr_sensitivity_by_seed)} "
+                         f"| {_fmt_geometric(g.max_stable_lr_log)} | {_fmt_spread(g.lr_sensitivity, '.4f')} | {vs} |")
+            if g.incomplete_seeds:
+                notes.append(f"{g.variant} / {g.optimizer}: seed(s) {_seed_list(g.incomplete_seeds)} lack a result "
+                             "at some LR of the grid and are left out of the LR statistics.")
+            if g.no_stable_lr_seeds:
+                notes.append(f"{g.variant} / {g.optimizer}: seed(s) {_seed_list(g.no_stable_lr_seeds)} have no "
+                             "stable LR and are left out of the max stable LR.")
+        if notes:
+            lines += [""] + [f"- {n}" for n in notes]
+
     failed = [r for r in rows if r.status not in DONE]
     if failed:
         lines += ["", "## Runs without a result", ""]
@@ -221,41 +448,52 @@ def _finish(plt, fig, ax, path: Path) -> None:
 
 
 def plot_loss_curves(path: Path, mlflow_client, groups: list[GroupSummary], rows: list[RunRow]) -> None:
-    """Validation loss vs optimizer step, one line per seed of each variant x optimizer at its best LR."""
+    """Validation loss vs optimizer step at each variant x optimizer's row LR: the mean over seeds, with a
+    min-max band over the seeds when there are several."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 5))
     for g in groups:
         picked = [r for r in rows if (r.variant, r.optimizer) == (g.variant, g.optimizer) and r.status in DONE
                   and (g.lr is None or r.lr == g.lr)]
-        for j, r in enumerate(sorted(picked, key=lambda r: r.seed)):
-            history = sorted(mlflow_client.get_metric_history(r.run_id, "val/loss"), key=lambda m: m.step)
-            ax.plot([m.step for m in history], [m.value for m in history], **_style(g, groups),
-                    alpha=1.0 if j == 0 else 0.4, label=_label(g) if j == 0 else None, marker="o", markersize=3)
+        if not picked:
+            continue
+        band = seed_band({m.step: m.value for m in mlflow_client.get_metric_history(r.run_id, "val/loss")}
+                         for r in picked)
+        style = _style(g, groups)
+        ax.plot(band.steps, band.mean, **style, marker="o", markersize=3, label=f"{_label(g)} (n={len(picked)})")
+        if len(picked) > 1:
+            ax.fill_between(band.steps, band.low, band.high, color=style["color"], alpha=0.15, linewidth=0)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("Validation loss per variant")
+    ax.set_title("Validation loss per variant (mean over seeds, band = min-max)")
     _finish(plt, fig, ax, path)
 
 
 def plot_lr_sensitivity(path: Path, groups: list[GroupSummary], initial_loss: float | None) -> None:
-    """Final val loss vs learning rate (diverged = l0, drawn as a cross)."""
+    """Final val loss vs learning rate: mean over seeds with ± sd error bars (a diverged run counts as l0; a
+    cross marks an LR where at least one seed diverged). Each variant's points are shifted by a few percent of
+    the LR so that the error bars of different variants do not hide each other."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 5))
-    for g in groups:
-        if not g.losses_by_lr:
+    for i, g in enumerate(groups):
+        lrs = sorted(lr for lr, s in g.losses_by_lr.items() if s.n)
+        if not lrs:
             continue
-        lrs = sorted(g.losses_by_lr)
-        ys = [g.losses_by_lr[lr] if g.losses_by_lr[lr] is not None else initial_loss for lr in lrs]
+        shift = 10 ** (0.02 * (i - (len(groups) - 1) / 2))
+        xs = [lr * shift for lr in lrs]
+        ys = [g.losses_by_lr[lr].mean for lr in lrs]
+        errors = [g.losses_by_lr[lr].sd or 0.0 for lr in lrs]
         style = _style(g, groups)
-        ax.plot(lrs, ys, marker="o", **style, label=_label(g))
-        crossed = [lr for lr in lrs if g.losses_by_lr[lr] is None]
-        ax.scatter(crossed, [initial_loss] * len(crossed), marker="x", color=style["color"], s=60)
+        ax.errorbar(xs, ys, yerr=errors, marker="o", markersize=4, capsize=3, **style, label=_label(g))
+        crossed = [(x, y) for x, y, lr in zip(xs, ys, lrs) if g.diverged_by_lr.get(lr)]
+        ax.scatter([x for x, _ in crossed], [y for _, y in crossed], marker="x", color=style["color"], s=80,
+                   zorder=3)
     if initial_loss is not None:
         ax.axhline(initial_loss, color="gray", linestyle="--", linewidth=1, label="l0 = ln(vocab)")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
-    ax.set_ylabel("final validation loss")
-    ax.set_title("LR sensitivity (x = diverged)")
+    ax.set_ylabel("final validation loss (mean ± sd over seeds)")
+    ax.set_title("LR sensitivity (diverged run = l0; x = a seed diverged)")
     _finish(plt, fig, ax, path)
 
 
@@ -301,10 +539,11 @@ def render_ablation(mlflow_client, parent, out_dir: Path) -> Path:
                              r.lr, r.seed))
     groups = [summarize(v, o, [r for r in rows if (r.variant, r.optimizer) == (v, o)])
               for v in variants for o in optimizers if any((r.variant, r.optimizer) == (v, o) for r in rows)]
-    (out_dir / "summary.md").write_text(summary_markdown(name, groups, rows))
+    reference = parent.data.tags.get("pcl.reference") or (variants[0] if variants else None)
+    (out_dir / "summary.md").write_text(summary_markdown(name, groups, rows, reference))
     write_runs_csv(out_dir / "runs.csv", rows)
     plot_loss_curves(out_dir / "loss_curves.png", mlflow_client, groups, rows)
-    if len({r.lr for r in rows}) > 1:
+    if any(g.has_lr_grid for g in groups):
         l0 = next((r.initial_loss for r in rows if r.initial_loss), None)
         plot_lr_sensitivity(out_dir / "lr_sensitivity.png", groups, l0)
     spectrum_keys = sorted({k for r in children for k in r.data.metrics if k.startswith("spectrum/")})
@@ -342,7 +581,7 @@ def render_study(study, mlflow_client, parent, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
     run_of_trial = {r.data.tags.get("pcl.trial"): r for r in runs.children(mlflow_client, parent)
-                    if r.data.tags.get("status") != "crashed"}
+                    if RunStatus.of(r) != RunStatus.CRASHED}
     param_names = sorted({p for t in trials for p in t.params})
     rows = []
     for t in trials:

@@ -2,7 +2,8 @@
 
 One parent run per study or ablation, found by its tags (``pcl.kind`` = study|ablation, ``pcl.name``),
 so a re-run of the same command, or another worker, reuses it. Every trial or ablation run is a child
-run: Lightning's MLflow run with the ``mlflow.parentRunId`` tag (``tracking.parent_run_id``).
+run: the training run with the ``mlflow.parentRunId`` tag (``tracking.parent_run_id``). A parent's life (open
+while the command runs, then finished, killed or failed) is a :class:`~pc_lightning.tracked_run.TrackedRun`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from mlflow.entities import Run, ViewType
 from mlflow.tracking import MlflowClient
 
-from pc_lightning import tracking
+from pc_lightning.tracked_run import TrackedRun
 
 
 def _all_experiments(mlflow_client: MlflowClient) -> list[str]:
@@ -28,23 +29,21 @@ def find_parent(mlflow_client: MlflowClient, kind: str, name: str) -> Run | None
 
 
 def find_or_create_parent(mlflow_client: MlflowClient, uri: str, experiment: str, kind: str, name: str,
-                          tags: dict[str, str]) -> str:
-    """Run id of the parent run; created (RUNNING) if none exists, reopened to RUNNING otherwise."""
+                          tags: dict[str, str]) -> TrackedRun:
+    """The parent run; created (RUNNING) if none exists, reopened to RUNNING otherwise."""
     existing = find_parent(mlflow_client, kind, name)
     if existing is None:
-        experiment_id = tracking.get_or_create_experiment(mlflow_client, experiment, uri)
-        run = mlflow_client.create_run(experiment_id, run_name=f"{kind}-{name}",
-                                       tags={"pcl.kind": kind, "pcl.name": name, **tags})
+        run = TrackedRun.create(mlflow_client, uri, experiment, f"{kind}-{name}",
+                                {"pcl.kind": kind, "pcl.name": name, **tags})
         winner = find_parent(mlflow_client, kind, name)
-        if winner is not None and winner.info.run_id != run.info.run_id:  # another worker created one first
-            mlflow_client.delete_run(run.info.run_id)
-            return winner.info.run_id
-        return run.info.run_id
-    if existing.info.status != "RUNNING":
-        mlflow_client.update_run(existing.info.run_id, status="RUNNING")
+        if winner is None or winner.info.run_id == run.run_id:
+            return run
+        mlflow_client.delete_run(run.run_id)  # another worker created one first
+        existing = winner
+    parent = TrackedRun.reopen(mlflow_client, existing.info.run_id)
     for key, value in tags.items():
-        mlflow_client.set_tag(existing.info.run_id, key, value)
-    return existing.info.run_id
+        mlflow_client.set_tag(parent.run_id, key, value)
+    return parent
 
 
 def children(mlflow_client: MlflowClient, parent: Run) -> list[Run]:

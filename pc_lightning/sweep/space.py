@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -33,10 +32,10 @@ from typing import Any, Literal, Optional
 import yaml
 
 from pc_lightning import tracking
-from pc_lightning.config import (ConfigError, ExperimentConfig, _build, _coerce, deep_merge, find_conf_root, from_dict,
-                                 load_yaml_with_defaults, parse_override, set_dotted)
+from pc_lightning.config import (ConfigError, ExperimentConfig, build, coerce, deep_merge, field_type, find_conf_root,
+                                 from_dict, load_yaml_with_defaults, parse_override, set_dotted)
 
-# _build/_coerce are the config module's strict mapping -> dataclass builders; reusing them gives sweep
+# build/coerce are the config module's strict mapping -> dataclass builders; reusing them gives sweep
 # files the same one-line "config error at '<key>'" messages as experiment files.
 
 
@@ -139,20 +138,14 @@ def is_journal(url: str) -> bool:
 
 
 def config_field_type(path: str) -> Any:
-    """The annotation of a dotted config key, or ConfigError naming the first unknown part."""
-    cls: Any = ExperimentConfig
-    parts = path.split(".")
-    for i, part in enumerate(parts):
-        if not dataclasses.is_dataclass(cls):
-            raise ConfigError(f"parameters.{path}", f"'{'.'.join(parts[:i])}' is not a config section")
-        hints = typing.get_type_hints(cls)
-        if part not in hints:
-            raise ConfigError(f"parameters.{path}", f"unknown config key '{'.'.join(parts[:i + 1])}' "
-                                                    f"(known keys there: {sorted(hints)})")
-        cls = hints[part]
-    if dataclasses.is_dataclass(cls):
+    """The annotation of a dotted config key, or ConfigError naming the first unknown (or moved) part."""
+    try:
+        tp = field_type(ExperimentConfig, path)
+    except ConfigError as e:
+        raise ConfigError(f"parameters.{path}", e.message) from None
+    if dataclasses.is_dataclass(tp):
         raise ConfigError(f"parameters.{path}", "names a config section, not a value")
-    return cls
+    return tp
 
 
 def _check_param(path: str, p: ParamSpec) -> None:
@@ -162,7 +155,7 @@ def _check_param(path: str, p: ParamSpec) -> None:
         if not p.choices:
             raise ConfigError(f"{key}.choices", "categorical parameters need a non-empty list of choices")
         for i, choice in enumerate(p.choices):
-            _coerce(choice, tp, f"{key}.choices[{i}]")
+            coerce(choice, tp, f"{key}.choices[{i}]")
         return
     if p.low is None or p.high is None:
         raise ConfigError(f"{key}.low", f"{p.type} parameters need low and high")
@@ -177,7 +170,7 @@ def _check_param(path: str, p: ParamSpec) -> None:
             value = getattr(p, name)
             if value is not None and not float(value).is_integer():
                 raise ConfigError(f"{key}.{name}", f"int parameters need integer bounds, got {value}")
-    _coerce(p.low if p.type == "float" else int(p.low), tp, key)  # the config field accepts this type
+    coerce(p.low if p.type == "float" else int(p.low), tp, key)  # the config field accepts this type
 
 
 def grid_values(path: str, p: ParamSpec) -> list[Any]:
@@ -209,7 +202,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> SweepSpec
     if isinstance(pruner, dict):  # pruner arguments sit beside its name in the file
         data["pruner"] = {"name": pruner.get("name", "median"),
                           "args": {k: v for k, v in pruner.items() if k != "name"}}
-    spec: SweepSpec = _build(SweepSpec, data)
+    spec: SweepSpec = build(SweepSpec, data)
     spec.base = str(resolve_relative(spec.base, path))
     if not spec.parameters:
         raise ConfigError("parameters", "declare at least one parameter to search")

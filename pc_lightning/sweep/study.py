@@ -13,7 +13,7 @@ Each trial is one :func:`pc_lightning.train.train` run, nested under the study's
   killed) is failed and re-queued with the same parameters by ``RetryHeartbeatStaleTrialCallback``; its MLflow run
   is closed as FAILED with tag ``status=crashed``. A trial Ctrl-C'd while it trains ends FAIL (MLflow: KILLED)
   and a new trial replaces it; a Ctrl-C after its training is held until Optuna has recorded the finished trial
-  (:mod:`pc_lightning.sweep.held_interrupt`). Optuna 5's journal storage has no heartbeat: there a killed trial
+  (:mod:`pc_lightning.held_interrupt`). Optuna 5's journal storage has no heartbeat: there a killed trial
   stays RUNNING and is not counted, so several workers on a journal file may run up to workers-1 extra trials.
 * **Diverged trials are results, not crashes.** A trial whose run diverged completes with the objective's
   worst value: ``objective.diverged_value`` if set, else the loss of a uniform predictor, ln(vocab) (the
@@ -47,6 +47,7 @@ re-run the whole sweep on every rank, each asking Optuna for a trial of its own)
 from __future__ import annotations
 
 import atexit
+import contextlib
 import math
 import os
 import subprocess
@@ -57,6 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import optuna
 import torch
 import torch.distributed as dist
@@ -67,13 +69,14 @@ from optuna_integration import TorchDistributedTrial
 from pc_lightning import tracking
 from pc_lightning.config import ConfigError, ExperimentConfig
 from pc_lightning.distributed import exit_follower, leave_together
+from pc_lightning.held_interrupt import HeldInterrupt
 from pc_lightning.sweep import runs
-from pc_lightning.sweep.held_interrupt import HeldInterrupt
 from pc_lightning.sweep.pruning import OptunaPruning
 from pc_lightning.sweep.start_lock import StartLock
 from pc_lightning.train import train, world_size
 from pc_lightning.sweep.space import (SweepSpec, build_pruner, build_sampler, compose_config, is_journal, load_spec,
                                       storage_url, suggest)
+from pc_lightning.tracked_run import RUNNING, RunStatus, TrackedRun
 
 # Heartbeats, fail_stale_trials and the retry callback are still marked experimental in Optuna 5.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -184,13 +187,12 @@ def close_crashed_runs(mlflow_client, parent_id: str, trial_number: int) -> None
     """A retried trial's first MLflow run was left RUNNING by its killed worker: close it as crashed."""
     parent = mlflow_client.get_run(parent_id)
     for run in runs.children(mlflow_client, parent):
-        if run.data.tags.get("pcl.trial") == str(trial_number) and run.info.status == "RUNNING":
-            mlflow_client.set_terminated(run.info.run_id, "FAILED")
-            mlflow_client.set_tag(run.info.run_id, "status", "crashed")
+        if run.data.tags.get("pcl.trial") == str(trial_number) and run.info.status == RUNNING:
+            TrackedRun(mlflow_client, run.info.run_id).close(RunStatus.CRASHED)
 
 
 def make_objective(spec: SweepSpec, overrides: list[str], parent_id: str, mlflow_client, held: HeldInterrupt,
-                   ranks: Ranks | None = None):
+                   ranks: Ranks | None = None, extra_callbacks: list[L.Callback] = ()):
     """The Optuna objective: one training run. Once training has ended, a Ctrl-C is held until Optuna has
     recorded the trial (``held``, released by :func:`work`), so a finished run never becomes a failed trial."""
     def objective(trial: optuna.Trial) -> float:
@@ -203,18 +205,14 @@ def make_objective(spec: SweepSpec, overrides: list[str], parent_id: str, mlflow
         pruning = OptunaPruning(trial if ranks is None else TorchDistributedTrial(trial, ranks.group),
                                 spec.objective.metric)
         try:
-            result = train(cfg, extra_callbacks=[pruning], quiet=True)
+            result = train(cfg, extra_callbacks=[pruning, *extra_callbacks], quiet=True)  # pruned: status pruned
         except optuna.TrialPruned:
             held.hold()
-            if pruning.run_id:
-                mlflow_client.set_terminated(pruning.run_id, "KILLED")
-                mlflow_client.set_tag(pruning.run_id, "status", "pruned")
-                mlflow_client.delete_tag(pruning.run_id, "error")
             raise
         held.hold()
         trial.set_user_attr("mlflow_run_id", result.run_id)
-        trial.set_user_attr("diverged", result.status == "diverged")
-        if result.status == "diverged":
+        trial.set_user_attr("diverged", result.status == RunStatus.DIVERGED)
+        if result.status == RunStatus.DIVERGED:
             return diverged_value(spec, cfg)
         value = result.metrics.get(spec.objective.metric)
         if value is None:
@@ -225,7 +223,8 @@ def make_objective(spec: SweepSpec, overrides: list[str], parent_id: str, mlflow
     return objective
 
 
-def follow_rank_zero(spec: SweepSpec, overrides: list[str], ranks: Ranks) -> int:
+def follow_rank_zero(spec: SweepSpec, overrides: list[str], ranks: Ranks,
+                     extra_callbacks: list[L.Callback] = ()) -> int:
     """Ranks > 0 of a multi-device worker: run every trial rank 0 starts, with its parameters, until it stops."""
     try:
         parent_id = ranks.share()
@@ -235,7 +234,7 @@ def follow_rank_zero(spec: SweepSpec, overrides: list[str], ranks: Ranks) -> int
             trial = TorchDistributedTrial(None, ranks.group)
             cfg = trial_config(spec, overrides, optuna.trial.FixedTrial(trial.params, trial.number), parent_id)
             try:
-                train(cfg, extra_callbacks=[OptunaPruning(trial, spec.objective.metric)], quiet=True)
+                train(cfg, extra_callbacks=[OptunaPruning(trial, spec.objective.metric), *extra_callbacks], quiet=True)
             except optuna.TrialPruned:
                 pass
     except (KeyboardInterrupt, SystemExit):
@@ -256,7 +255,7 @@ def work(study: optuna.Study, spec: SweepSpec, n_trials: int, objective, timeout
     """One worker's loop: run trials until n_trials are finished (by anyone), or the timeout is reached.
     With ranks, rank 0 tells the others each step (:func:`follow_rank_zero`). ``lock`` is held from the count
     until the new trial is RUNNING in the storage (:mod:`pc_lightning.sweep.start_lock`); a Ctrl-C after the
-    objective's training is raised once the trial is recorded (:mod:`pc_lightning.sweep.held_interrupt`)."""
+    objective's training is raised once the trial is recorded (:mod:`pc_lightning.held_interrupt`)."""
     tell = ranks.share if ranks is not None else (lambda command: None)
 
     def started(trial: optuna.Trial):
@@ -303,10 +302,12 @@ def spawn_workers(spec_path: str, workers: int, n_trials: int, url: str, overrid
 
 
 def run_sweep(spec_path: str, workers: int = 1, n_trials: int | None = None, storage: str | None = None,
-              overrides: list[str] | None = None, worker_index: int = 0) -> int:
+              overrides: list[str] | None = None, worker_index: int = 0,
+              extra_callbacks: list[L.Callback] = ()) -> int:
     """Run, resume or join the study. ``worker_index`` numbers the commands (machines, torchrun jobs) that join
     one study, so that their samplers get different seeds (``sampler.seed + 1000·worker_index + local worker``);
-    with the same seed they would propose the same first points."""
+    with the same seed they would propose the same first points. ``extra_callbacks`` join every trial's
+    Trainer in this process (not in the processes ``workers`` > 1 starts)."""
     overrides = list(overrides or [])
     spec = load_spec(spec_path, overrides)
     n_total = n_trials or spec.n_trials
@@ -326,41 +327,42 @@ def run_sweep(spec_path: str, workers: int = 1, n_trials: int | None = None, sto
                                            "several such commands on the same --storage instead")
         ranks = join_ranks(base, spec_path)
         if ranks.rank > 0:
-            return follow_rank_zero(spec, overrides, ranks)
+            return follow_rank_zero(spec, overrides, ranks, extra_callbacks)
 
     study = open_study(spec, url, worker)
     uri = tracking.tracking_uri(base.tracking)
     mlflow_client = tracking.client(uri)
-    parent_id = runs.find_or_create_parent(
+    parent = runs.find_or_create_parent(
         mlflow_client, uri, base.tracking.experiment, "study", spec.study_name,
         {"pcl.study": spec.study_name, "pcl.storage": url, "pcl.metric": spec.objective.metric,
          "pcl.spec": str(Path(spec_path).resolve())})
     if ranks is not None:
-        ranks.share(parent_id)
+        ranks.share(parent.run_id)
 
     rc = 0
     try:
-        if workers > 1 and not is_worker_process:
-            rc = spawn_workers(spec_path, workers, n_total, url, overrides, worker_index)
-        else:
-            held = HeldInterrupt()
-            objective = make_objective(spec, overrides, parent_id, mlflow_client, held, ranks)
-            work(study, spec, n_total, objective, spec.timeout, heartbeat=not is_journal(url), lock=StartLock(url),
-                 held=held, ranks=ranks)
-    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (Lightning raises SIGTERMException)
-        if not is_worker_process:
-            mlflow_client.set_terminated(parent_id, "KILLED")
+        # The command that started the workers owns the parent run: finished once n_trials are finished,
+        # killed by Ctrl-C/SIGTERM (Lightning raises SIGTERMException) or a timeout, failed by an error.
+        with parent if not is_worker_process else contextlib.nullcontext():
+            if workers > 1 and not is_worker_process:
+                rc = spawn_workers(spec_path, workers, n_total, url, overrides, worker_index)
+            else:
+                held = HeldInterrupt()
+                objective = make_objective(spec, overrides, parent.run_id, mlflow_client, held, ranks, extra_callbacks)
+                work(study, spec, n_total, objective, spec.timeout, heartbeat=not is_journal(url),
+                     lock=StartLock(url), held=held, ranks=ranks)
+            if is_worker_process:
+                return rc
+
+            from pc_lightning.sweep.report import publish_study
+
+            out_dir = publish_study(study, mlflow_client, parent.run_id)
+            counts = trial_counts(study)
+            finished = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
+            parent.finish(RunStatus.FINISHED if finished >= n_total else RunStatus.KILLED)
+    except (KeyboardInterrupt, SystemExit):
         print(f"pcl: sweep '{spec.study_name}' interrupted; run the same command to resume", file=sys.stderr)
         return 130
-    if is_worker_process:
-        return rc
-
-    from pc_lightning.sweep.report import publish_study
-
-    out_dir = publish_study(study, mlflow_client, parent_id)
-    counts = trial_counts(study)
-    finished = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
-    mlflow_client.set_terminated(parent_id, "FINISHED" if finished >= n_total else "KILLED")
     print(f"study '{spec.study_name}': {finished}/{n_total} trials finished "
           f"({counts[TrialState.PRUNED]} pruned); summary in {out_dir}")
     if ranks is not None:

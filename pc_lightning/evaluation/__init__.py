@@ -1,0 +1,1 @@
+"""Downstream evaluation with EleutherAI's lm-evaluation-harness (``pip install -e '.[eval]'``)."""

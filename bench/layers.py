@@ -18,7 +18,7 @@ merge the model into a dense one (:func:`pc_lightning.merge.merge_model`, fp32, 
   vocab 32000, batch 16 x 1024, bf16 autocast, fused AdamW), ``--accum 1 8`` by default. CPU: the ``tiny``
   preset shape, ``--accum 1``.
 * **wide**: dense vs TSVD at a wider model, where the factors' smaller matmuls pay. CUDA: d 2048, FFN 5632,
-  8 layers, 16 heads, batch 8 x 1024 (the DESIGN.md section 8 reference run). CPU: d 512, FFN 1408, 2 layers,
+  8 layers, 16 heads, batch 8 x 1024 (the PC paper's 1B-width reference shape). CPU: d 512, FFN 1408, 2 layers,
   batch 4 x 128, to show the trend with width only.
 
 On CUDA the report ends with issue 3's speed goals (compiled, ratio to dense) next to what this run measured.

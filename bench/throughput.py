@@ -3,8 +3,8 @@
 Both models run the same training step (forward, next-token cross-entropy, backward, AdamW step) on the
 same random batches in the same process, eager and `torch.compile`d; the figure that matters is the
 ratio suite / HF measured in this run. CPU: the `tiny` preset shape. CUDA: ~134M (d 768, 12 layers,
-12 heads, FFN 2048, vocab 32000, batch 16 x 1024, bf16 autocast, fused AdamW), where DESIGN.md
-section 8 reports HF compiled at 394k tokens/s (38% MFU) on an H100.
+12 heads, FFN 2048, vocab 32000, batch 16 x 1024, bf16 autocast, fused AdamW), where the
+PC paper's setup reports HF compiled at 394k tokens/s (38% MFU) on an H100.
 
     python bench/throughput.py [--steps 20] [--no-compile] [--out results/bench/throughput.md]
 """

@@ -1,8 +1,7 @@
 """Merge a PC or TSVD checkpoint into a plain dense Llama checkpoint, and export it to Hugging Face format.
 
 Every block matrix built by ``make_linear`` reports the dense (out, in) matrix it applies through
-``effective_weight()``: for a PC layer W_plain = γ·σ̂·g(W/σ̂) (Wang et al., arXiv 2606.06470, DESIGN.md
-section 3), for a TSVD layer U·diag(s)·Vᵀ. Computed once in fp32, these go into a ``model.linear: dense``
+``effective_weight()``: for a PC layer W_plain = γ·σ̂·g(W/σ̂) (Wang et al., arXiv 2606.06470; docs/pc.md), for a TSVD layer U·diag(s)·Vᵀ. Computed once in fp32, these go into a ``model.linear: dense``
 model of the same architecture, loaded with strict state-dict checks, and the merged model's logits are
 checked against the original's on a random batch (max |Δ| / max |logits| ≤ 1e-5, fp32).
 

@@ -6,6 +6,8 @@ Tests run real parts at tiny sizes: the bundled corpus, a real BPE tokenizer, SQ
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,12 +21,34 @@ def data_cache(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("pcl-data"))
 
 
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store, migrated once per session: creating the schema (MLflow's alembic migrations)
+    takes seconds, and most tests start from an empty store."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture()
-def results_dir(tmp_path, monkeypatch):
-    """Send MLflow/Optuna files and checkpoints of a test to its own temp dir."""
+def results_dir(tmp_path, monkeypatch, mlflow_template):
+    """Send MLflow/Optuna files and checkpoints of a test to its own temp dir. The test's MLflow store starts as a
+    copy of the session's migrated empty store, made when the suite first opens it (the same moment MLflow would
+    create it), so a test that checks no store was created still sees none."""
     import pc_lightning.tracking as tracking
 
+    ensure = tracking.ensure_results_dir
+
+    def ensure_from_template(uri: str) -> None:
+        ensure(uri)
+        db = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+        if db is not None and not db.exists():
+            shutil.copyfile(mlflow_template, db)
+
     monkeypatch.setattr(tracking, "RESULTS_DIR", tmp_path / "results")
+    monkeypatch.setattr(tracking, "ensure_results_dir", ensure_from_template)
     return tmp_path / "results"
 
 

@@ -1,7 +1,7 @@
 """``model.compile`` with every linear kind: no graph breaks, one training graph that is not re-traced from one
 optimizer step to the next, the same numbers as eager, and a compiled training run through the Trainer.
 
-The GPU speed of PC and TSVD rests on this (DESIGN.md section 8): PC's per-step W_eff leaf and TSVD's cached
+The GPU speed of PC and TSVD rests on this (docs/benchmarks.md): PC's per-step W_eff leaf and TSVD's cached
 orthonormal factors change every step, and a guard on them would make dynamo re-trace each step. The speed
 itself is measured by ``bench/layers.py``, not here.
 """

@@ -56,7 +56,7 @@ def test_presets_parameter_count_and_shapes(name):
 
 
 def test_124m_preset_matches_reference_size():
-    assert 130e6 < expected_parameters(preset("124m")) < 140e6  # DESIGN.md section 8: ~134M
+    assert 130e6 < expected_parameters(preset("124m")) < 140e6  # the ~134M GPU preset
 
 
 def test_overfits_one_batch():

@@ -38,7 +38,7 @@ def test_polynomial_keeps_one_and_lifts_small_values(level):
     sigma = torch.tensor([1.0, 0.3], dtype=torch.float64)
     g = scalar_polynomial(sigma, level)
     assert abs(float(g[0]) - 1.0) < 1e-9
-    expected = {0: 0.3, 1: 0.44, 2: 0.58, 3: 0.76, 4: 0.87}[level]  # DESIGN.md section 3
+    expected = {0: 0.3, 1: 0.44, 2: 0.58, 3: 0.76, 4: 0.87}[level]  # the reference's polynomials (docs/pc.md)
     assert abs(float(g[1]) - expected) < 0.01
 
 

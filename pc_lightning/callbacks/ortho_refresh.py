@@ -1,6 +1,6 @@
 """Refresh the cached orthonormal factors of every TSVD layer after the optimizer step.
 
-Kamali et al., arXiv 2605.28573 (DESIGN.md section 4): U, V of W = U·diag(s)·Vᵀ must be orthonormal at
+Kamali et al., arXiv 2605.28573 (docs/tsvd.md): U, V of W = U·diag(s)·Vᵀ must be orthonormal at
 every forward; the layer forwards with a cached orthonormal copy, and this callback renews the cache every
 ``model.tsvd.refresh_every`` optimizer steps: Q = orth(U_raw), U_ortho := Q, U_raw := Q (a QR / polar
 retraction, :func:`pc_lightning.layers.tsvd_linear.retract`), all same-shape factors of the model as one stack.

@@ -1,4 +1,4 @@
-"""Evaluate the PC layers' polynomial once per optimizer step, not once per forward (DESIGN.md section 8).
+"""Evaluate the PC layers' polynomial once per optimizer step, not once per forward (docs/pc.md).
 
 PC Layer (Wang et al., arXiv 2606.06470): W_eff = γ·σ̂·g(W/σ̂). Evaluating g inside every forward repeats
 the same work for every micro-batch and launches many small matmuls. Instead, with L the loss summed over

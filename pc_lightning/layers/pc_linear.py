@@ -1,6 +1,6 @@
 """PC layer: a linear layer whose applied weight is a polynomial preconditioning of its raw weight.
 
-Wang, Fang, Zhang, Zhang, Zhao, Schwing, Sun, "PC Layer", arXiv 2606.06470 (DESIGN.md section 3):
+Wang, Fang, Zhang, Zhang, Zhao, Schwing, Sun, "PC Layer", arXiv 2606.06470 (docs/pc.md):
 
     σ̂ = uᵀ W v                         (u, v: unit vectors refined by streaming power iteration, no gradient)
     Ŵ = W / (σ̂ + ε)                     (normaliser ``spectral``; ``none``: Ŵ = W, for ablation)

@@ -1,6 +1,6 @@
 """The PC layer's odd matrix polynomial g(Ŵ) = Ŵ·p_k(ŴᵀŴ), evaluated on the smaller Gram side.
 
-Wang, Fang, Zhang, Zhang, Zhao, Schwing, Sun, "PC Layer", arXiv 2606.06470 (DESIGN.md section 3). For a
+Wang, Fang, Zhang, Zhang, Zhao, Schwing, Sun, "PC Layer", arXiv 2606.06470 (docs/pc.md). For a
 matrix Ŵ = U·diag(σ)·Vᵀ with singular values in about [0, 1], g acts on each singular value separately:
 g(Ŵ) = U·diag(g(σ))·Vᵀ with g(σ) = σ·p_k(σ²). The polynomial in the Gram matrix is evaluated where the Gram
 matrix is smaller:
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-# p_k(x) coefficients, constant term first (DESIGN.md section 3). Level 0 is the identity map.
+# p_k(x) coefficients, constant term first (docs/pc.md). Level 0 is the identity map.
 PC_COEFFICIENTS: dict[int, tuple[float, ...]] = {
     0: (1.0,),
     1: (1.507, -0.507),

@@ -4,7 +4,7 @@ Written instead of using ``optuna_integration.PyTorchLightningPruningCallback`` 
 reports once per *epoch* with the epoch number as the step; pre-training runs a single long epoch and
 validates every ``trainer.val_every`` optimizer steps, so the pruner would see one point per trial at
 best. Here each validation reports ``(value, trainer.global_step)``, so the median/Hyperband pruners
-compare trials at the same number of optimizer steps (DESIGN.md section 7).
+compare trials at the same number of optimizer steps (docs/sweeps.md).
 
 Under DDP/FSDP every rank runs this callback with an ``optuna_integration.TorchDistributedTrial`` (see
 :mod:`pc_lightning.sweep.study`): rank 0's value is broadcast first, so all ranks take the same branch,

@@ -1,4 +1,4 @@
-"""The sweep file: a typed, validated description of one Optuna study (DESIGN.md section 7).
+"""The sweep file: a typed, validated description of one Optuna study; docs/sweeps.md).
 
 A sweep file (``sweeps/*.yaml``) names a base experiment config plus overrides, the parameters to search
 (dotted config paths with a type and a range or choices), the objective metric and direction, the sampler,

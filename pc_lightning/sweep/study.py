@@ -1,4 +1,4 @@
-"""``pcl sweep``: run, resume or join an Optuna study declared in a sweep file (DESIGN.md section 7).
+"""``pcl sweep``: run, resume or join an Optuna study declared in a sweep file; docs/sweeps.md).
 
 Each trial is one :func:`pc_lightning.train.train` run, nested under the study's MLflow parent run
 (tags ``pcl.study``, ``pcl.trial``). The rules that make re-running the same command safe:

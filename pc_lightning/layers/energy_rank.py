@@ -1,4 +1,4 @@
-"""The spectral-energy rank rule of the TSVD layer (Kamali et al., arXiv 2605.28573; DESIGN.md section 4).
+"""The spectral-energy rank rule of the TSVD layer (Kamali et al., arXiv 2605.28573; docs/tsvd.md).
 
     energy_rank(σ, τ) = smallest r with Σ_{i≤r} σ_i² ≥ τ · Σ_i σ_i²   (σ sorted by |σ| descending)
 

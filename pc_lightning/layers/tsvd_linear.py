@@ -14,9 +14,8 @@ spectral-energy rule (keep the smallest r with Σ_{i≤r} s_i² ≥ τ Σ_i s_i�
 introduction were retrievable from the stored copies available to us, not its method section; the exact
 recipe below and in the callbacks (retraction, refresh schedule, the rank rule with its memory of dropped
 values and its augmented-basis lookahead, :mod:`pc_lightning.layers.energy_rank`,
-:mod:`pc_lightning.layers.lookahead`, optimizer-state handling, weight decay of s) follows DESIGN.md
-section 4 and is *ours*: treat every detail that is not in the paragraph above as a possible deviation from
-the paper.
+:mod:`pc_lightning.layers.lookahead`, optimizer-state handling, weight decay of s) is *ours*
+(docs/tsvd.md): treat every detail that is not in the paragraph above as a possible deviation from the paper.
 
 How orthonormality and gradients are reconciled here:
 

@@ -1,4 +1,4 @@
-"""Build the optimizer named by ``optim.name`` for a model (DESIGN.md section 5).
+"""Build the optimizer named by ``optim.name`` for a model (docs/optimizers.md).
 
 * ``adamw``: ``torch.optim.AdamW``. Parameter groups: weight decay on matrices (``ndim >= 2``) and, with
   ``decay_pc_gamma`` (default), on the PC layers' gains γ, and with ``decay_tsvd_s`` (default) on the TSVD

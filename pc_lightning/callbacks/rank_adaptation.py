@@ -25,8 +25,8 @@ Optimizer state (found through ``optimizer.state[param]``, in every part of a wr
   parameter's whole state is dropped, and the optimizer re-initialises it lazily at its next step.
 
 Logged at every check (and at the start of training): ``tsvd/rank/<layer name>``, ``tsvd/parameters``
-(trainable parameters of the model) and, with the lookahead, ``tsvd/lookahead_step`` (the line search's step t). A compiled
-model recompiles after each change (the probe runs the model's plain forward).
+(trainable parameters of the model) and, with the lookahead, ``tsvd/lookahead_step`` (the line search's step
+t). A compiled model recompiles after each change (the probe runs the model's plain forward).
 
 Under DDP: every rank runs the probe on its own batch and the gradients' blocks are averaged over the ranks
 (the global batch's gradient, as in training); rank 0 decides the new ranks and dropped values and broadcasts

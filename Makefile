@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # torch is pinned to the CPU build (a bare `torch` would pull a multi-GB CUDA build).
 TORCH ?= torch==2.13.0
 
-.PHONY: setup setup-dev quickstart train test test-fast test-slow bench clean
+.PHONY: setup setup-dev setup-postgres quickstart train test test-fast test-slow bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,13 +28,20 @@ quickstart: setup
 train: setup
 	$(BIN)/pcl train --config conf/baseline.yaml
 
+# The tests marked `servers` start a real PostgreSQL server: Debian's package, installed here when its binaries
+# are missing (needs root; elsewhere install it yourself or set PCL_PG_BIN to a directory holding initdb/pg_ctl).
+setup-postgres:
+	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || [ -x "$$PCL_PG_BIN/pg_ctl" ] || { \
+	  echo "installing PostgreSQL (apt-get install postgresql) for the server tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
+
 # Fast suite first, then the tests marked slow (CI runs both; pytest's exit code 5 = nothing collected is ok).
-test: setup-dev
-	$(BIN)/python -m pytest -m "not slow" -q; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
-	$(BIN)/python -m pytest -m slow -q; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
+test: setup-dev setup-postgres
+	$(BIN)/python -m pytest -m "not slow" -q --durations=15; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
+	$(BIN)/python -m pytest -m slow -q --durations=15; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
 
 test-fast: setup-dev
-	$(BIN)/python -m pytest -m "not slow" -q; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
+	$(BIN)/python -m pytest -m "not slow" -q --durations=15; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
 
 bench: setup
 	$(BIN)/pip install --quiet -e ".[bench]"

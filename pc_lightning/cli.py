@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 
 from pc_lightning.checkpoint_file import CheckpointError
 from pc_lightning.config import ConfigError, describe_keys, load_config
+from pc_lightning.secrets import redact
 
 OVERRIDES_HELP = (
     "dotted overrides applied after the config file, e.g. optim.lr=1e-3 model.linear=pc data.batch_size=8; "
@@ -91,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="re-render an ablation's or study's summary and plots from MLflow/Optuna")
     p.add_argument("name", help="ablation or study name (or its spec file)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///results/mlflow.db)")
+    p.add_argument("--storage", help="a study's Optuna storage URL (default: the study's pcl.storage tag, whose "
+                                     "password is redacted: PGPASSWORD or ~/.pgpass supply it)")
     return parser
 
 
@@ -109,11 +113,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; a config error or an unusable checkpoint is one ``pcl: ...`` line on stderr, exit code 2."""
     args = parse_args(argv)
+    sys.excepthook = print_redacted_traceback
+    threading.excepthook = lambda e: print_redacted_traceback(e.exc_type, e.exc_value, e.exc_traceback)
     try:
         return _dispatch(args)
     except (ConfigError, CheckpointError) as e:
-        print(f"pcl: {e}", file=sys.stderr)
+        print(f"pcl: {redact(str(e))}", file=sys.stderr)
         return 2
+
+
+def print_redacted_traceback(exc_type, exc, tb) -> None:
+    """An uncaught error's traceback, with passwords in URLs redacted (pc_lightning.secrets)."""
+    import traceback
+
+    sys.stderr.write(redact("".join(traceback.format_exception(exc_type, exc, tb))))
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -188,7 +201,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "report":
         from pc_lightning.sweep.report import report
 
-        return report(args.name, tracking_uri=args.tracking_uri)
+        return report(args.name, tracking_uri=args.tracking_uri, storage=args.storage)
     raise AssertionError(args.command)
 
 

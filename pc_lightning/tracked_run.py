@@ -32,6 +32,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from pc_lightning import tracking
 from pc_lightning.held_interrupt import HeldInterrupt
+from pc_lightning.secrets import redact
 
 RUNNING = "RUNNING"  # MLflow's status of an open run
 
@@ -138,8 +139,8 @@ class TrackedRun:
             self.close(status, **tags)
             return
         status = RunStatus.of_exception(error)
-        self.close(status, **({"error": f"{type(error).__name__}: {error}"[:5000]} if status == RunStatus.FAILED
-                              else {}))
+        message = redact(f"{type(error).__name__}: {error}")[:5000]  # no password of a URL in the tag
+        self.close(status, **({"error": message} if status == RunStatus.FAILED else {}))
 
     def logger(self, **kwargs: Any) -> RunLogger:
         """Lightning's MLflow logger writing to this run (``kwargs``: tracking_uri, experiment_name, ...)."""

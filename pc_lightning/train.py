@@ -33,7 +33,7 @@ from lightning.pytorch.strategies import Strategy
 from pc_lightning import tracking
 from pc_lightning.atomic_checkpoint import AtomicCheckpointIO
 from pc_lightning.checkpoint_file import CheckpointError, open_checkpoint
-from pc_lightning.config import (ConfigError, ExperimentConfig, batches_per_step, flatten, save_yaml, steps_for_budget,
+from pc_lightning.config import (ConfigError, ExperimentConfig, batches_per_step, flatten, steps_for_budget,
                                  to_dict)
 from pc_lightning.data.corpus import check_data_files
 from pc_lightning.data.datamodule import PretrainDataModule
@@ -46,6 +46,7 @@ from pc_lightning.callbacks.throughput import TokenThroughput
 from pc_lightning.model import count_parameters, flops_per_token
 from pc_lightning.modules.gauss_newton import GaussNewtonDataModule, GaussNewtonModule
 from pc_lightning.modules.pretrain import Diverged, PretrainModule
+from pc_lightning.secrets import redact, redact_tree
 from pc_lightning.tracked_run import RunStatus, TrackedRun
 
 
@@ -114,6 +115,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None, extra_callbacks: lis
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    tracking.check_server(cfg.tracking)  # a tracking server that is down or refuses us: one line, in seconds
 
     ckpt_path = find_checkpoint(cfg, resume) if resume else None
     # Inputs named on the command line are checked before anything is recorded: a checkpoint that cannot be read
@@ -141,8 +143,11 @@ def train(cfg: ExperimentConfig, resume: str | None = None, extra_callbacks: lis
         if run is None:
             logger = DummyLogger()
         else:
-            logger = run.logger(experiment_name=cfg.tracking.experiment,
-                                tracking_uri=tracking.tracking_uri(cfg.tracking))
+            uri = tracking.tracking_uri(cfg.tracking)
+            # a server's outage must not stop training: metrics go through MLflow's background queue, whose
+            # requests MLflow retries (~4 min of backoff) while training goes on
+            logger = run.logger(experiment_name=cfg.tracking.experiment, tracking_uri=uri,
+                                synchronous=False if tracking.is_server(uri) else None)
             if run.reopened:
                 _log_resume(run.client, run.run_id, cfg, ckpt_path)
             else:
@@ -188,7 +193,9 @@ def open_run(cfg: ExperimentConfig, resume_checkpoint: dict | None = None, init_
 def build_module(cfg: ExperimentConfig, prepared, total_steps: int) -> tuple[L.LightningModule, L.LightningDataModule]:
     """The LightningModule and the data module of ``cfg`` (Gauss-Newton: manual optimisation, stacked batches)."""
     gauss_newton = cfg.optim.gauss_newton
-    module = (GaussNewtonModule if gauss_newton else PretrainModule)(to_dict(cfg), total_steps=total_steps)
+    # the config saved in every checkpoint's hyperparameters, with passwords in URLs redacted
+    module = (GaussNewtonModule if gauss_newton else PretrainModule)(redact_tree(to_dict(cfg)),
+                                                                     total_steps=total_steps)
     datamodule = (GaussNewtonDataModule if gauss_newton else PretrainDataModule)(
         cfg.data, seed=cfg.trainer.seed, accumulate=batches_per_step(cfg))
     datamodule.prepared = prepared
@@ -265,19 +272,24 @@ def _log_resume(mlflow_client, run_id: str, cfg: ExperimentConfig, ckpt_path: Pa
     """A resume may change the config (e.g. a longer trainer.max_steps): MLflow params are immutable, so the
     run keeps its first config as params and config.yaml, and each resume adds its config as an artifact."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    mlflow_client.log_text(run_id, yaml.safe_dump(to_dict(cfg), sort_keys=False), f"resumes/config-{stamp}.yaml")
+    mlflow_client.log_text(run_id, yaml.safe_dump(redact_tree(to_dict(cfg)), sort_keys=False),
+                           f"resumes/config-{stamp}.yaml")
     mlflow_client.set_tag(run_id, "pcl.resumed_from", str(ckpt_path))
 
 
 def _log_config(logger: MLFlowLogger, cfg: ExperimentConfig, prepared, module: PretrainModule, total_steps: int,
                 tokens_per_step: int) -> None:
-    """Params (flattened resolved config), the config YAML artifact and the run's fixed reference numbers."""
-    params: dict[str, Any] = flatten(to_dict(cfg))
+    """Params (flattened resolved config), the config YAML artifact and the run's fixed reference numbers;
+    passwords in URLs (tracking URI, data source) are redacted in both."""
+    config = redact_tree(to_dict(cfg))
+    params: dict[str, Any] = flatten(config)
     params.update({"derived.total_steps": total_steps, "derived.tokens_per_step": tokens_per_step,
-                   "derived.parameters": count_parameters(module.model), "data.cache": str(prepared.dir)})
+                   "derived.parameters": count_parameters(module.model), "data.cache": redact(str(prepared.dir))})
     logger.log_hyperparams(params)
     with tempfile.TemporaryDirectory() as tmp:
-        path = save_yaml(cfg, os.path.join(tmp, "config.yaml"))
-        logger.experiment.log_artifact(logger.run_id, str(path))
+        path = os.path.join(tmp, "config.yaml")
+        with open(path, "w") as f:
+            yaml.safe_dump(config, f, sort_keys=False)
+        logger.experiment.log_artifact(logger.run_id, path)
     logger.log_metrics({"val/unigram_entropy": prepared.meta["val_unigram_entropy"],
                         "data/train_tokens": float(prepared.meta["train_tokens"])}, step=0)

@@ -76,3 +76,32 @@ def tiny_cfg(data_cache, results_dir):
         return load_config(os.path.join(root, "conf", "baseline.yaml"), tiny_overrides(data_cache, results_dir, **extra))
 
     return make
+
+
+# Passwords of the real servers of the tests marked `servers` (tests/servers.py); the tests check that none of
+# them is written anywhere. MLflow's basic-auth app wants at least 12 characters.
+PG_PASSWORD = "pg-Secret-7f3a9c"
+MLFLOW_ADMIN_PASSWORD = "mlflow-Admin-4d1e8b"
+MLFLOW_PASSWORD = "mlflow-Alice-9b2c6d"
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server on 127.0.0.1 for the whole test run: user 'pcl' with PG_PASSWORD, database 'optuna'."""
+    from servers import PostgresServer
+
+    server = PostgresServer(PG_PASSWORD)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """An ``mlflow server`` with the basic-auth app on 127.0.0.1 for the whole test run (SQLite backend, artifacts
+    served through the server); user 'alice' with MLFLOW_PASSWORD, admin with MLFLOW_ADMIN_PASSWORD."""
+    from servers import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"), auth_admin_password=MLFLOW_ADMIN_PASSWORD)
+    server.create_user("alice", MLFLOW_PASSWORD)
+    yield server
+    server.stop()

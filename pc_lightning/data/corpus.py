@@ -20,6 +20,7 @@ from typing import Iterator
 import datasets
 
 from pc_lightning.config import ConfigError, DataConfig
+from pc_lightning.secrets import redact
 
 
 def bible_chapters() -> list[str]:
@@ -113,4 +114,4 @@ def corpus_fingerprint(cfg: DataConfig) -> str:
     spec = dict(path=cfg.path, name=cfg.name, files=files, split=cfg.split, text_field=cfg.text_field,
                 max_docs=cfg.max_docs)
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-    return f"hf:{cfg.path}:{digest}"
+    return f"hf:{redact(cfg.path)}:{digest}"  # written to meta.json and printed: no password

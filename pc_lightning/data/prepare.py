@@ -28,6 +28,7 @@ from filelock import FileLock
 from pc_lightning.config import ConfigError, DataConfig
 from pc_lightning.data.corpus import corpus_fingerprint, iter_lines, load_corpus, split_corpus
 from pc_lightning.data.tokenizer import EOT, load_tokenizer, train_bpe
+from pc_lightning.secrets import redact
 
 FORMAT_VERSION = 1
 
@@ -65,7 +66,7 @@ def cache_key(cfg: DataConfig) -> str:
 
 
 def cache_dir_for(cfg: DataConfig) -> Path:
-    slug = cfg.source if cfg.source == "bible" else "hf-" + str(cfg.path).replace("/", "_").strip("._")[:40]
+    slug = cfg.source if cfg.source == "bible" else "hf-" + redact(str(cfg.path)).replace("/", "_").strip("._")[:40]
     return Path(cfg.cache_dir).expanduser().resolve() / f"{slug}-{cache_key(cfg)}"
 
 

@@ -36,6 +36,7 @@ import yaml
 
 from pc_lightning import tracking
 from pc_lightning.config import ConfigError, ExperimentConfig, build
+from pc_lightning.secrets import redact
 from pc_lightning.sweep import runs
 from pc_lightning.sweep.space import compose_config, resolve_relative
 from pc_lightning.tracked_run import RunStatus
@@ -141,6 +142,7 @@ def run_ablation(spec_path: str, overrides: list[str] | None = None) -> int:
         run_config(spec, combo, overrides, None)
 
     base = compose_config(spec.base, list(spec.overrides) + overrides)
+    tracking.check_server(base.tracking)  # a tracking server that is down or refuses us: one line, in seconds
     uri = tracking.tracking_uri(base.tracking)
     mlflow_client = tracking.client(uri)
     parent = runs.find_or_create_parent(mlflow_client, uri, base.tracking.experiment, "ablation", spec.name, {
@@ -164,7 +166,7 @@ def run_ablation(spec_path: str, overrides: list[str] | None = None) -> int:
                           f"{result.metrics.get('val/loss', float('nan')):.4f} ({time.time() - started:.0f}s)")
                 except Exception as e:  # one broken combination must not stop the grid; its run ended failed
                     failures += 1
-                    print(f"[{i}/{len(todo)}] {combo.key}: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+                    print(redact(f"[{i}/{len(todo)}] {combo.key}: FAILED: {type(e).__name__}: {e}"), file=sys.stderr)
             out_dir = publish_ablation(mlflow_client, parent.run_id)
     except (KeyboardInterrupt, SystemExit):
         print(f"pcl: ablation '{spec.name}' interrupted; run the same command to resume", file=sys.stderr)

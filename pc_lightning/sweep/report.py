@@ -25,6 +25,7 @@ import yaml
 
 from pc_lightning import tracking
 from pc_lightning.config import ConfigError, TrackingConfig
+from pc_lightning.secrets import without_masked_password
 from pc_lightning.sweep import runs
 from pc_lightning.sweep.lr_sensitivity import capped_loss, lr_sensitivity, max_stable_lr
 from pc_lightning.sweep.space import is_journal
@@ -653,8 +654,10 @@ def publish_study(study, mlflow_client, parent_id: str) -> Path:
 # --------------------------------------------------------------------------------------------------
 
 
-def report(name_or_spec: str, tracking_uri: str | None = None) -> int:
-    """Re-render an ablation's or study's results from MLflow (and the study's Optuna storage) alone."""
+def report(name_or_spec: str, tracking_uri: str | None = None, storage: str | None = None) -> int:
+    """Re-render an ablation's or study's results from MLflow (and the study's Optuna storage) alone. The
+    storage is the study's ``pcl.storage`` tag unless given; the tag's password is redacted, so without
+    ``storage`` the database's password comes from ``PGPASSWORD`` or ``~/.pgpass``."""
     path = Path(name_or_spec)
     kinds = ["ablation", "study"]
     name = name_or_spec
@@ -662,7 +665,8 @@ def report(name_or_spec: str, tracking_uri: str | None = None) -> int:
         data = yaml.safe_load(path.read_text()) or {}
         kinds = ["study"] if "study_name" in data else ["ablation"]
         name = data.get("study_name") or data.get("name") or name
-    uri = tracking_uri or tracking.tracking_uri(TrackingConfig())
+    tracking.check_server(TrackingConfig(tracking_uri=tracking_uri))  # down or refusing us: one line, in seconds
+    uri = tracking.tracking_uri(TrackingConfig(tracking_uri=tracking_uri))
     mlflow_client = tracking.client(uri)
     for kind in kinds:
         parent = runs.find_parent(mlflow_client, kind, name)
@@ -676,7 +680,7 @@ def report(name_or_spec: str, tracking_uri: str | None = None) -> int:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        storage = parent.data.tags["pcl.storage"]
+        storage = storage or without_masked_password(parent.data.tags["pcl.storage"])
         if is_journal(storage):
             from optuna.storages.journal import JournalFileBackend, JournalStorage
 

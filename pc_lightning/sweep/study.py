@@ -6,8 +6,9 @@ Each trial is one :func:`pc_lightning.train.train` run, nested under the study's
 * **Budget = finished trials.** ``n_trials`` counts COMPLETE + PRUNED trials. Before each trial the worker
   counts them, plus trials RUNNING in other live workers and WAITING retries; it starts a trial only while
   that total is below ``n_trials`` (or a retry is waiting), and it waits for running trials of other
-  workers before exiting. So an interrupted study resumes where it stopped, and no trial is run twice. Local
-  workers count under a file lock (:mod:`pc_lightning.sweep.start_lock`), so they cannot all take the last slot.
+  workers before exiting. So an interrupted study resumes where it stopped, and no trial is run twice. Workers
+  count under a lock (a file lock, or a PostgreSQL advisory lock shared by all machines:
+  :mod:`pc_lightning.sweep.start_lock`), so they cannot all take the last slot.
 * **Crashes are retried.** RDB storages (SQLite, PostgreSQL, ...) record a heartbeat every
   ``heartbeat.interval`` seconds; a trial silent for ``heartbeat.grace_period`` seconds (its worker was
   killed) is failed and re-queued with the same parameters by ``RetryHeartbeatStaleTrialCallback``; its MLflow run
@@ -23,7 +24,9 @@ Each trial is one :func:`pc_lightning.train.train` run, nested under the study's
 
 ``--workers N`` starts N ``pcl sweep`` worker processes on this machine sharing the storage; other machines
 join by running the same command with the same ``--storage`` URL (PostgreSQL, or a journal file on a shared
-disk) and ``tracking.tracking_uri``.
+disk) and ``tracking.tracking_uri`` (docs/multi-machine.md). The storage URL and the overrides reach the
+``--workers`` processes through the environment, not their command lines, and the ``pcl.storage`` tag holds the
+URL with its password redacted (:mod:`pc_lightning.secrets`).
 
 **Multi-device trials** (``trainer.devices`` x ``trainer.num_nodes`` > 1, strategy ddp/fsdp): every rank is
 started by ``torchrun`` or ``srun`` with the same command, and each trial is one Lightning DDP/FSDP run over
@@ -48,8 +51,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -73,6 +78,8 @@ from pc_lightning.held_interrupt import HeldInterrupt
 from pc_lightning.sweep import runs
 from pc_lightning.sweep.pruning import OptunaPruning
 from pc_lightning.sweep.start_lock import StartLock
+from pc_lightning.sweep.storage import ReconnectingRDBStorage, describe
+from pc_lightning.secrets import redact
 from pc_lightning.train import train, world_size
 from pc_lightning.sweep.space import (SweepSpec, build_pruner, build_sampler, compose_config, is_journal, load_spec,
                                       storage_url, suggest)
@@ -82,6 +89,9 @@ from pc_lightning.tracked_run import RUNNING, RunStatus, TrackedRun
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 WORKER_ENV = "PCL_SWEEP_WORKER"  # set in processes started by --workers: their index (seed offset), no report
+# --workers children get the storage URL and the overrides through the environment, not their command line
+# (which every user of the machine can read): either may hold a password
+STORAGE_ENV, OVERRIDES_ENV = "PCL_SWEEP_STORAGE", "PCL_SWEEP_OVERRIDES"
 TRIAL, WAIT, STOP = "trial", "wait", "stop"  # rank 0's commands to the other ranks of a multi-device worker
 
 
@@ -153,7 +163,7 @@ def open_storage(url: str, spec: SweepSpec) -> optuna.storages.BaseStorage:
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs = {"connect_args": {"timeout": 60}}  # several local workers write the same file
     hb = spec.heartbeat
-    return optuna.storages.RDBStorage(
+    return ReconnectingRDBStorage(
         url, engine_kwargs=engine_kwargs, heartbeat_interval=hb.interval, grace_period=hb.grace_period,
         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=hb.max_retry))
 
@@ -178,17 +188,21 @@ def trial_config(spec: SweepSpec, overrides: list[str], trial: optuna.trial.Base
     cfg.name = f"{spec.study_name}-trial{trial.number}"
     cfg.tracking.parent_run_id = parent_id
     cfg.tracking.run_name = f"trial-{trial.number}"
-    cfg.tracking.tags.update({"pcl.kind": "trial", "pcl.study": spec.study_name, "pcl.trial": str(trial.number)})
+    cfg.tracking.tags.update({"pcl.kind": "trial", "pcl.study": spec.study_name, "pcl.trial": str(trial.number),
+                              "pcl.worker": f"{socket.gethostname()}:{os.getpid()}"})  # which process ran it
     cfg.trainer.progress_bar = False
     return cfg
 
 
-def close_crashed_runs(mlflow_client, parent_id: str, trial_number: int) -> None:
+def close_crashed_runs(mlflow_client, parent_id: str, trial_number: int, retry_number: int | None = None) -> None:
     """A retried trial's first MLflow run was left RUNNING by its killed worker: close it as crashed."""
     parent = mlflow_client.get_run(parent_id)
     for run in runs.children(mlflow_client, parent):
         if run.data.tags.get("pcl.trial") == str(trial_number) and run.info.status == RUNNING:
-            TrackedRun(mlflow_client, run.info.run_id).close(RunStatus.CRASHED)
+            worker = run.data.tags.get("pcl.worker", "?")
+            TrackedRun(mlflow_client, run.info.run_id).close(
+                RunStatus.CRASHED, error=f"worker {worker} stopped without closing this run (its Optuna heartbeat "
+                                         f"went stale); trial {retry_number} re-runs the same parameters")
 
 
 def make_objective(spec: SweepSpec, overrides: list[str], parent_id: str, mlflow_client, held: HeldInterrupt,
@@ -199,7 +213,7 @@ def make_objective(spec: SweepSpec, overrides: list[str], parent_id: str, mlflow
         frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
         retried_from = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
         if retried_from is not None:
-            close_crashed_runs(mlflow_client, parent_id, retried_from)
+            close_crashed_runs(mlflow_client, parent_id, retried_from, trial.number)
         cfg = trial_config(spec, overrides, trial, parent_id)
         # with several ranks: send the trial's number and parameters, report and decide pruning for all
         pruning = OptunaPruning(trial if ranks is None else TorchDistributedTrial(trial, ranks.group),
@@ -292,11 +306,12 @@ def work(study: optuna.Study, spec: SweepSpec, n_trials: int, objective, timeout
 def spawn_workers(spec_path: str, workers: int, n_trials: int, url: str, overrides: list[str],
                   worker_index: int = 0) -> int:
     """N local ``pcl sweep`` processes on one storage (each its own Python, so no fork of torch state)."""
-    env = dict(os.environ, PCL_RESULTS_DIR=str(tracking.RESULTS_DIR.resolve()))
+    env = dict(os.environ, PCL_RESULTS_DIR=str(tracking.RESULTS_DIR.resolve()), **{
+        STORAGE_ENV: url, OVERRIDES_ENV: json.dumps(overrides)})
     procs = []
     for i in range(workers):
         cmd = [sys.executable, "-m", "pc_lightning.cli", "sweep", str(spec_path), "--n-trials", str(n_trials),
-               "--storage", url, "--worker-index", str(worker_index), *overrides]
+               "--worker-index", str(worker_index)]
         procs.append(subprocess.Popen(cmd, env={**env, WORKER_ENV: str(i)}))
     return max(p.wait() for p in procs)
 
@@ -309,6 +324,8 @@ def run_sweep(spec_path: str, workers: int = 1, n_trials: int | None = None, sto
     with the same seed they would propose the same first points. ``extra_callbacks`` join every trial's
     Trainer in this process (not in the processes ``workers`` > 1 starts)."""
     overrides = list(overrides or [])
+    if WORKER_ENV in os.environ and STORAGE_ENV in os.environ:  # a --workers child (see spawn_workers)
+        storage, overrides = os.environ[STORAGE_ENV], json.loads(os.environ.get(OVERRIDES_ENV, "[]"))
     spec = load_spec(spec_path, overrides)
     n_total = n_trials or spec.n_trials
     url = storage_url(spec, storage)
@@ -329,12 +346,13 @@ def run_sweep(spec_path: str, workers: int = 1, n_trials: int | None = None, sto
         if ranks.rank > 0:
             return follow_rank_zero(spec, overrides, ranks, extra_callbacks)
 
+    tracking.check_server(base.tracking)  # before anything else: a server that is down is one line, in seconds
     study = open_study(spec, url, worker)
     uri = tracking.tracking_uri(base.tracking)
     mlflow_client = tracking.client(uri)
     parent = runs.find_or_create_parent(
         mlflow_client, uri, base.tracking.experiment, "study", spec.study_name,
-        {"pcl.study": spec.study_name, "pcl.storage": url, "pcl.metric": spec.objective.metric,
+        {"pcl.study": spec.study_name, "pcl.storage": redact(url), "pcl.metric": spec.objective.metric,
          "pcl.spec": str(Path(spec_path).resolve())})
     if ranks is not None:
         ranks.share(parent.run_id)
@@ -350,7 +368,7 @@ def run_sweep(spec_path: str, workers: int = 1, n_trials: int | None = None, sto
                 held = HeldInterrupt()
                 objective = make_objective(spec, overrides, parent.run_id, mlflow_client, held, ranks, extra_callbacks)
                 work(study, spec, n_total, objective, spec.timeout, heartbeat=not is_journal(url),
-                     lock=StartLock(url), held=held, ranks=ranks)
+                     lock=StartLock(url, spec.study_name), held=held, ranks=ranks)
             if is_worker_process:
                 return rc
 
@@ -360,6 +378,10 @@ def run_sweep(spec_path: str, workers: int = 1, n_trials: int | None = None, sto
             counts = trial_counts(study)
             finished = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
             parent.finish(RunStatus.FINISHED if finished >= n_total else RunStatus.KILLED)
+    except optuna.exceptions.StorageInternalError as e:  # the database was away longer than the storage retries
+        print(f"pcl: sweep '{spec.study_name}' stopped: the Optuna storage {redact(url)} failed ({describe(e)}); "
+              "run the same command to resume", file=sys.stderr)
+        return 1
     except (KeyboardInterrupt, SystemExit):
         print(f"pcl: sweep '{spec.study_name}' interrupted; run the same command to resume", file=sys.stderr)
         return 130

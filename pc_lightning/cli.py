@@ -5,7 +5,7 @@
     pcl merge   CKPT [--out DIR]        PC/TSVD checkpoint -> plain dense checkpoint (+ HF Llama export)
     pcl eval    CKPT --tasks t1,t2      lm-evaluation-harness tasks on a checkpoint -> table + JSON results
     pcl sweep   sweeps/NAME.yaml [--workers N] [--storage URL] [--worker-index I]
-    pcl ablate  conf/ablation/NAME.yaml
+    pcl ablate  conf/ablation/NAME.yaml [--workers N]
     pcl report  NAME                    re-render an ablation's or study's summary from MLflow/Optuna
 """
 
@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="run (or resume, or join) an Optuna study declared in YAML")
     p.add_argument("spec", help="sweep file, e.g. sweeps/pc_degree_lr.yaml")
-    p.add_argument("--workers", type=int, default=1, help="parallel worker processes on this machine")
+    p.add_argument("--workers", type=int, default=1,
+                   help="parallel worker processes on this machine, each with cores // N threads (default 1)")
     p.add_argument("--n-trials", type=int, help="override the file's n_trials")
     p.add_argument("--storage", help="override the file's storage URL (sqlite:///..., postgresql://..., journal path)")
     p.add_argument("--worker-index", type=int, default=0,
@@ -87,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ablate", help="run a declared grid of variants x optimizers x seeds x LRs -> results/NAME/")
     p.add_argument("spec", help="ablation file, e.g. conf/ablation/quick.yaml")
+    p.add_argument("--workers", type=int, default=1,
+                   help="runs in parallel, each in a worker process with cores // N threads (default 1)")
     p.add_argument("overrides", nargs="*", metavar="key.path=value",
                    help="overrides applied to the base config of every run")
 
@@ -197,7 +200,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "ablate":
         from pc_lightning.sweep.ablation import run_ablation
 
-        return run_ablation(args.spec, overrides=args.overrides)
+        return run_ablation(args.spec, overrides=args.overrides, workers=args.workers)
     if args.command == "report":
         from pc_lightning.sweep.report import report
 

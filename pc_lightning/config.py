@@ -179,6 +179,9 @@ class ModelConfig(Section):
     # block_init_stds in model/llama.py)
     init: Literal["normal", "small", "torchtitan"] = "normal"
     embed: Literal["plain", "scaled", "layernorm"] = "plain"
+    # QK-clip (MuonClip, Kimi K2): tau; after each optimizer step the q/k weights of every head whose max
+    # attention logit exceeded tau are rescaled so that it would be tau (docs/monitoring.md). 0 = off
+    qk_clip: float = 0.0
     compile: bool = False
 
     def check(self) -> None:
@@ -188,7 +191,7 @@ class ModelConfig(Section):
         require((self.d_model // self.n_heads) % 2 == 0, "n_heads",
                 f"head dim d_model/n_heads={self.d_model // self.n_heads} must be even for RoPE")
         require(self.vocab_size is None or self.vocab_size > 0, "vocab_size", "must be positive")
-        for name in ("attn_softcap", "logit_softcap", "z_loss"):
+        for name in ("attn_softcap", "logit_softcap", "z_loss", "qk_clip"):
             require(getattr(self, name) >= 0, name, "must be >= 0 (0 = off)")
 
 
@@ -299,6 +302,17 @@ class GaussNewtonConfig(Section):
         require(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1) (0 = off)")
 
 
+@dataclass
+class WSDConfig(Section):
+    """Warmup-stable-decay schedule (optim.schedule: wsd; Hägele et al. 2024, arXiv 2405.18392)."""
+
+    decay_fraction: float = 0.2  # fraction of the total steps spent in the final decay (cooldown)
+    decay_shape: Literal["linear", "1-sqrt"] = "1-sqrt"  # 1-sqrt: multiplier 1 - sqrt(progress) (Hägele et al.)
+
+    def check(self) -> None:
+        require(0 < self.decay_fraction <= 1, "decay_fraction", f"must be in (0, 1], got {self.decay_fraction}")
+
+
 def _moved_to(section: str, names: tuple[str, ...]) -> dict[str, str]:
     return {name: f"optim.{section}.{name}" for name in names}
 
@@ -317,8 +331,12 @@ class OptimConfig(Section):
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     warmup_fraction: float = 0.05
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    # after the linear warmup: cosine to min_lr_ratio, wsd = flat then a final decay to min_lr_ratio (optim.wsd),
+    # constant = flat (docs/monitoring.md)
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1  # cosine and wsd decay to lr * min_lr_ratio
     grad_clip: float = 1.0  # 0 = off
+    wsd: WSDConfig = field(default_factory=WSDConfig)
     muon: MuonConfig = field(default_factory=MuonConfig)
     soap: SoapConfig = field(default_factory=SoapConfig)
     gn: GaussNewtonConfig = field(default_factory=GaussNewtonConfig)
@@ -347,6 +365,13 @@ class OptimConfig(Section):
                 "false contradicts decay_all=true, which decays the TSVD singular values too")
         require(self.gn.layer_groups == "blocks_plus_rest" or self.name == "gn_layerwise", "gn.layer_groups",
                 f"only gn_layerwise has solve groups (optim.name is {self.name})")
+        if self.schedule == "wsd":
+            require(self.warmup_fraction + self.wsd.decay_fraction <= 1, "wsd.decay_fraction",
+                    f"warmup_fraction ({self.warmup_fraction}) + decay_fraction ({self.wsd.decay_fraction}) "
+                    "must be <= 1: the decay cannot start before the warmup ends")
+            require(not (self.gauss_newton and self.gn.inner_schedule == "per_outer_cosine"), "schedule",
+                    "wsd does not apply with optim.gn.inner_schedule=per_outer_cosine (a cosine inside every outer "
+                    "step, constant over outer steps); use gn.inner_schedule=global_cosine for WSD over outer steps")
 
 
 @dataclass
@@ -389,6 +414,9 @@ class SpikeConfig(Section):
     warmup: int = 64
     sigmas: float = 6.0
     action: Literal["log", "skip", "rollback"] = "log"
+    # the series the rule watches: loss, gradient norm, and the update/parameter norm ratio ||dW|| / ||W|| of each
+    # optimizer step (known only after the step, so not with action=skip)
+    signals: list[Literal["loss", "grad_norm", "update_ratio"]] = field(default_factory=lambda: ["loss", "grad_norm"])
     rollback_steps_back: int = 100
     rollback_skip_batches: int = 200
 
@@ -396,6 +424,11 @@ class SpikeConfig(Section):
         require(self.window >= 2, "window", "must be >= 2")
         require(0 < self.warmup <= self.window, "warmup", "must be in 1..window")
         _positive(self, "sigmas")
+        require(len(self.signals) > 0, "signals", "name at least one of loss, grad_norm, update_ratio")
+        require(len(set(self.signals)) == len(self.signals), "signals", f"duplicates in {self.signals}")
+        require(not (self.action == "skip" and "update_ratio" in self.signals), "signals",
+                "update_ratio is known only after the optimizer step, which action=skip would have to undo; "
+                "use action=log or rollback with it, or drop update_ratio")
         require(self.rollback_steps_back >= 1, "rollback_steps_back", "must be >= 1")
         require(self.rollback_skip_batches >= 0, "rollback_skip_batches", "must be >= 0")
 
@@ -410,6 +443,7 @@ class MonitorConfig(Section):
     log_z: bool = False
     embed_std: bool = False
     grad_norms: bool = False
+    update_norms: bool = False  # ||dW|| / ||W|| per group and AdamW's second-moment RMS (docs/monitoring.md)
     spectrum: bool = False
     spike: SpikeConfig = field(default_factory=SpikeConfig)
     divergence_margin: float = 2.0  # diverged if loss > initial loss + margin (nats), or non-finite
@@ -474,6 +508,10 @@ class ExperimentConfig(Section):
                     "per-layer gradient norms would be norms of each rank's FSDP shard; turn it off or use ddp")
             require(not self.monitor.spike.enabled, "monitor.spike.enabled",
                     "the spike rule's gradient norm would be one rank's FSDP shard's; turn it off or use ddp")
+            require(not self.monitor.update_norms, "monitor.update_norms",
+                    "per-group update norms would be norms of each rank's FSDP shard; turn it off or use ddp")
+            require(not m.qk_clip, "model.qk_clip",
+                    "QK-clip rescales rows of whole q/k matrices, which FSDP holds as flat shards; use ddp")
             require(not self.monitor.eval_tasks, "monitor.eval_tasks",
                     "in-loop evaluation runs rank 0's model alone, which FSDP shards; evaluate the checkpoints with "
                     "`pcl eval` instead, or use ddp")
@@ -486,6 +524,17 @@ class ExperimentConfig(Section):
                     "Gauss-Newton builds its model with torch.func jvp/vjp, inside which torch.compile cannot trace "
                     "('Unsupported functorch tracing attempt'): the model would fall back to eager there and, its "
                     "forward frame then being skipped, in the line search and validation too; set model.compile=false")
+        if m.qk_clip:
+            require(not o.gauss_newton, "model.qk_clip",
+                    "Gauss-Newton runs its forwards inside torch.func transforms, where the max-logit probe cannot "
+                    "measure them; QK-clip runs with adamw, muon and soap")
+            if m.linear == "pc" and "qk" in m.pc.targets:
+                require(m.pc.normalizer == "spectral", "model.pc.normalizer",
+                        "QK-clip on PC q/k layers re-factors W_eff through the spectrally normalised polynomial; "
+                        "use normalizer=spectral or leave qk out of model.pc.targets")
+                require(m.pc.recover_w_norm or m.pc.learnable_gamma, "model.pc.learnable_gamma",
+                        "without recover_w_norm the scale of a PC layer's W_eff is gamma alone, which QK-clip must "
+                        "lower; a fixed gamma (learnable_gamma false) cannot be")
         spike = self.monitor.spike
         if spike.enabled and spike.action != "log":
             require(not o.gauss_newton, "monitor.spike.action",

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from pc_lightning.config import ConfigError, TrackingConfig
 from pc_lightning.held_interrupt import HeldInterrupt
+from pc_lightning.library_noise import silence_library_noise
 from pc_lightning.secrets import redact, split_credentials
 
 RESULTS_DIR = Path(os.environ.get("PCL_RESULTS_DIR", "results"))
@@ -140,6 +141,7 @@ def client(cfg_or_uri: TrackingConfig | str) -> HeldClient:
 
     uri = server_credentials_to_env(cfg_or_uri) if isinstance(cfg_or_uri, str) else tracking_uri(cfg_or_uri)
     ensure_results_dir(uri)
+    silence_library_noise()  # MLflow's schema-creation lines
     return HeldClient(MlflowClient(uri))
 
 

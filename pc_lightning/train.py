@@ -40,6 +40,7 @@ from pc_lightning.data.datamodule import PretrainDataModule
 from pc_lightning.data.prepare import prepare
 from pc_lightning.distributed import lightning_strategy
 from pc_lightning.init_from import check_initial_checkpoint, load_initial_weights
+from pc_lightning.library_noise import silence_library_noise
 from pc_lightning.callbacks.registry import configured_callbacks
 from pc_lightning.callbacks.run_metadata import MlflowRunInCheckpoint
 from pc_lightning.callbacks.throughput import TokenThroughput
@@ -175,14 +176,15 @@ def train(cfg: ExperimentConfig, resume: str | None = None, extra_callbacks: lis
 
 def open_run(cfg: ExperimentConfig, resume_checkpoint: dict | None = None, init_from: str | None = None) -> TrackedRun:
     """The MLflow run of this training run: the resumed checkpoint's run, else a new one (named
-    ``tracking.run_name`` or the config's name, tagged ``pcl.name`` (and ``pcl.init_from``) and nested under
-    ``tracking.parent_run_id``)."""
+    ``tracking.run_name`` or the config's name, tagged ``pcl.name``, ``pcl.threads`` (and ``pcl.init_from``) and
+    nested under ``tracking.parent_run_id``)."""
     uri = tracking.tracking_uri(cfg.tracking)
     mlflow_client = tracking.client(uri)
     run_id = (resume_checkpoint or {}).get("mlflow_run_id")
     if run_id:
         return TrackedRun.reopen(mlflow_client, run_id)
-    tags = {**cfg.tracking.tags, "pcl.name": cfg.name}
+    tags = {**cfg.tracking.tags, "pcl.name": cfg.name,
+            "pcl.threads": str(torch.get_num_threads())}  # intra-op threads of the training process
     if init_from:
         tags["pcl.init_from"] = init_from
     if cfg.tracking.parent_run_id:
@@ -231,6 +233,7 @@ def build_trainer(cfg: ExperimentConfig, module: L.LightningModule, logger: Logg
                                          save_on_exception=world == 1))
         callbacks.append(MlflowRunInCheckpoint(logger.run_id if isinstance(logger, MLFlowLogger) else ""))
     callbacks += configured_callbacks(cfg, module) + list(extra_callbacks or [])
+    silence_library_noise()  # Lightning's device banner and tips
 
     return L.Trainer(
         accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,

@@ -63,6 +63,20 @@ class SignalAt(L.Callback):
             os.killpg(0, self.sig)
 
 
+class SignalParentAt(L.Callback):
+    """Sends SIGINT once, after optimizer step ``step``, to the parent process: in a worker of ``pcl ablate
+    --workers`` that is the command itself, which a terminal's Ctrl-C reaches (its workers run in process groups
+    of their own). Picklable, so it can travel to the worker processes."""
+
+    def __init__(self, step: int):
+        self.step, self.sent = step, False
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if not self.sent and trainer.global_step >= self.step:
+            self.sent = True
+            os.kill(os.getppid(), signal.SIGINT)
+
+
 def write_sweep_spec(path: Path, **fields) -> Path:
     """A tiny sweep file over optim.lr on conf/baseline.yaml; ``fields`` (``overrides`` at least) replace its
     top-level entries."""

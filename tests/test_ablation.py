@@ -1,12 +1,16 @@
 """Ablations: grid runs nested in MLflow, resume, failed combinations, results/<name>/ with seed statistics,
-pcl report, LR sensitivity."""
+pcl report, LR sensitivity, a quiet output with progress lines, parallel workers."""
 
 from __future__ import annotations
 
 import csv
 import math
+import os
+import re
 import shutil
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,9 +20,10 @@ from conftest import tiny_overrides
 from pc_lightning import tracking
 from pc_lightning.config import TrackingConfig
 from pc_lightning.sweep import runs
-from pc_lightning.sweep.ablation import run_ablation
+from pc_lightning.sweep.ablation import combinations, load_ablation, run_ablation
 from pc_lightning.sweep.lr_sensitivity import lr_sensitivity, max_stable_lr
 from pc_lightning.sweep.report import report
+from pc_lightning.sweep.workers import threads_per_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,3 +97,97 @@ def test_ablation_writes_results_resumes_and_report_reproduces(tmp_path, data_ca
     assert (out / "summary.md").read_text() == summary
     assert (out / "runs.csv").read_text() == runs_csv
     assert report(str(spec_path)) == 0 and (out / "loss_curves.png").exists()
+
+
+def write_ablation(path: Path, name: str, data_cache: str, results_dir: Path, **fields) -> Path:
+    spec = {"name": name, "base": str(ROOT / "conf" / "baseline.yaml"),
+            "overrides": tiny_overrides(data_cache, results_dir), "variants": {"baseline": []},
+            "optimizers": {"adamw": []}, "seeds": [1], **fields}
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+NOISE = ["GPU available", "TPU available", "💡 Tip", "litlogger", "LeafSpec", "Creating initial MLflow database tables",
+         "Updating database tables", "`Trainer.fit` stopped"]
+
+
+@pytest.mark.slow
+def test_ablation_output_is_quiet_with_a_line_per_run(tmp_path, data_cache, results_dir):
+    """What ``pcl ablate`` prints to a log file: no library banners, tips or deprecation notices, one line per run
+    with runs done / total, elapsed time and an ETA, and where the results went."""
+    spec_path = write_ablation(tmp_path / "quiet.yaml", "quiet", data_cache, results_dir,
+                               variants={"baseline": [], "qk_norm": ["variant/qk_norm"]})
+    env = dict(os.environ, PCL_RESULTS_DIR=str(results_dir))
+    done = subprocess.run([sys.executable, "-m", "pc_lightning.cli", "ablate", str(spec_path)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert [noise for noise in NOISE if noise in output] == []
+    lines = done.stdout.splitlines()
+    assert lines[0] == "ablation 'quiet': 2 runs, 0 already done, 2 to run"
+    run_lines = [line for line in lines if line.startswith("[")]
+    assert [line.split(":")[0] for line in run_lines] == ["[1/2] baseline|adamw|lr=config|seed=1",
+                                                          "[2/2] qk_norm|adamw|lr=config|seed=1"]
+    assert all(re.search(r": finished, val/loss=\d\.\d{4} \(\d+s\) · elapsed \d+:\d\d · ETA \d+:\d\d$", line)
+               for line in run_lines), run_lines
+    assert run_lines[-1].endswith("ETA 0:00")
+    assert lines[-1] == f"ablation 'quiet': summary in {results_dir.resolve() / 'quiet' / 'summary.md'}"
+    assert "\r" not in done.stdout  # no live line in a log file
+
+
+def keys_and_statuses(name: str) -> list[tuple[str, str]]:
+    return sorted((r.data.tags["pcl.key"], r.data.tags["status"]) for r in children(name))
+
+
+@pytest.mark.slow
+def test_parallel_ablation_runs_the_same_grid_with_shared_cores(tmp_path, data_cache, results_dir, capsys):
+    """--workers 2: the grid's runs, once each, under one parent, as --workers 1 gives them; each worker trains with
+    cores // 2 threads unless trainer.num_threads says otherwise; a second invocation runs nothing."""
+    fields = {"variants": {"baseline": [], "two_threads": ["trainer.num_threads=2"]}, "seeds": [1, 2]}
+    parallel = write_ablation(tmp_path / "par.yaml", "par", data_cache, results_dir, **fields)
+    serial = write_ablation(tmp_path / "ser.yaml", "ser", data_cache, results_dir, **fields)
+
+    assert run_ablation(str(parallel), workers=2) == 0
+    assert "4 runs, 0 already done, 4 to run in 2 worker processes" in capsys.readouterr().out
+    assert run_ablation(str(serial), workers=1) == 0
+    assert keys_and_statuses("par") == keys_and_statuses("ser") == sorted(
+        (c.key, "finished") for c in combinations(load_ablation(parallel)))
+    threads = {r.data.tags["pcl.key"]: r.data.tags["pcl.threads"] for r in children("par")}
+    assert threads == {key: str(2 if key.startswith("two_threads") else threads_per_worker(2)) for key in threads}
+    client = tracking.client(tracking.tracking_uri(TrackingConfig()))
+    assert runs.find_parent(client, "ablation", "par").info.status == "FINISHED"
+    assert (results_dir / "par" / "summary.md").exists()
+
+    capsys.readouterr()
+    assert run_ablation(str(parallel), workers=2) == 0
+    assert "4 runs, 4 already done, 0 to run" in capsys.readouterr().out
+    assert len(children("par")) == 4
+
+
+@pytest.mark.slow
+def test_interrupted_parallel_ablation_resumes(tmp_path, data_cache, results_dir):
+    """A Ctrl-C to ``pcl ablate --workers 2`` (sent by a worker at step 3 of its first run, tests/ablation_worker.py)
+    stops both workers: their runs end killed, none is left running, the parent is KILLED; the same command then
+    runs every combination that has no finished run."""
+    spec_path = write_ablation(tmp_path / "int.yaml", "int", data_cache, results_dir,
+                               variants={"baseline": [], "qk_norm": ["variant/qk_norm"]}, seeds=[1, 2])
+    env = dict(os.environ, PCL_RESULTS_DIR=str(results_dir))
+    rc = subprocess.run([sys.executable, str(ROOT / "tests" / "ablation_worker.py"), str(spec_path), "3"], env=env,
+                        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                        timeout=600).returncode
+    assert rc == 130
+    client = tracking.client(tracking.tracking_uri(TrackingConfig()))
+    assert runs.find_parent(client, "ablation", "int").info.status == "KILLED"
+    interrupted = children("int")
+    assert interrupted and all(r.info.status != "RUNNING" for r in interrupted)
+    assert "killed" in {r.data.tags["status"] for r in interrupted}
+    finished_before = {r.data.tags["pcl.key"] for r in interrupted if r.data.tags["status"] == "finished"}
+
+    assert run_ablation(str(spec_path), workers=2) == 0
+
+    after = children("int")
+    grid = {c.key for c in combinations(load_ablation(spec_path))}
+    finished = [r.data.tags["pcl.key"] for r in after if r.data.tags["status"] == "finished"]
+    assert sorted(finished) == sorted(grid)  # each combination finished exactly once
+    assert len(after) == len(interrupted) + len(grid - finished_before)  # only the unfinished ones ran again
+    assert runs.find_parent(client, "ablation", "int").info.status == "FINISHED"

@@ -78,7 +78,7 @@ def test_muon_split_covers_every_parameter_once(linear):
 def test_combined_optimizer_schedules_and_restores_every_part():
     model = tiny_model()
     opt = build_optimizer(model, OptimConfig(name="muon", lr=0.02, muon=MuonConfig(adamw_lr=0.004)))
-    scheduler = build_scheduler(opt, total_steps=10, warmup_fraction=0.5, min_lr_ratio=0.1)
+    scheduler = build_scheduler(opt, total_steps=10, cfg=OptimConfig(warmup_fraction=0.5, min_lr_ratio=0.1))
     random_grads(model)
     opt.step()
     scheduler.step()

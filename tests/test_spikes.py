@@ -152,6 +152,28 @@ def test_rollback_restores_the_checkpoint_from_before_the_spike_and_skips_data(t
     assert skip[1] == 8 and skip[0] >= (SPIKE_STEP + 1) * 4  # from the first window not drawn at the spike
 
 
+class LearningRateOfEachStep(L.Callback):
+    def __init__(self):
+        self.lrs: dict[int, float] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.lrs[trainer.global_step] = optimizer.param_groups[0]["lr"]
+
+
+def test_after_a_rollback_the_next_step_uses_the_scheduled_learning_rate(tiny_cfg):
+    """The restored optimizer state holds the checkpoint step's learning rate; the step after the rollback uses the
+    schedule's rate for its own step, as the schedule keeps running."""
+    from pc_lightning.optim.schedule import lr_multiplier
+
+    cfg = tiny_cfg(name="rollback-lr", **SPIKE_KEYS)
+    lrs = LearningRateOfEachStep()
+    spikes = spike_callback("rollback", rollback_steps_back=3, rollback_skip_batches=2)
+    train(cfg, extra_callbacks=[BlowUpGradients(SPIKE_STEP), spikes, lrs], quiet=True)
+    assert spikes.rollbacks == [(SPIKE_STEP, 3)]
+    for step in (SPIKE_STEP + 1, SPIKE_STEP + 2):
+        assert lrs.lrs[step] == pytest.approx(cfg.optim.lr * lr_multiplier(step, 10, cfg.optim)), step
+
+
 def test_resume_after_a_rollback_reads_the_windows_of_the_uninterrupted_run(tiny_cfg):
     """The skip is registered at the first window the loader has not drawn yet (the step after the spike was
     already prefetched): a run stopped right after the rollback and resumed ends where the uninterrupted one does."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pc_lightning.config import ConfigError, TrackingConfig
 from pc_lightning.sweep import runs
 from pc_lightning.sweep.space import load_spec, storage_url
 from pc_lightning.sweep.study import open_study, run_sweep
+from pc_lightning.sweep.workers import threads_per_worker
 from conftest import tiny_overrides
 from helpers import write_sweep_spec
 
@@ -135,12 +137,19 @@ def test_ctrl_c_while_optuna_records_a_trained_trial_keeps_it(tmp_path, data_cac
     assert study.trials[0].user_attrs["mlflow_run_id"] in {c.info.run_id for c in children}
 
 
-def test_two_workers_share_one_study(tmp_path, data_cache, results_dir):
+def test_two_workers_share_one_study(tmp_path, data_cache, results_dir, capsys):
     spec_path = write_spec(tmp_path / "sweep.yaml", data_cache, results_dir, n_trials=4)
     assert run_sweep(str(spec_path), workers=2) == 0
     study = open_study(load_spec(spec_path), storage_url(load_spec(spec_path)))
     assert len(study.trials) == 4 and len(finished(study)) == 4
-    assert len(mlflow_children("tiny-lr")[2]) == 4
+    children = mlflow_children("tiny-lr")[2]
+    assert len(children) == 4
+    assert {c.data.tags["pcl.threads"] for c in children} == {str(threads_per_worker(2))}  # cores // 2 each
+    # the starting command shows the progress: a line per finished trial with the count, elapsed time and ETA
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert [line.split("]")[0] for line in lines] == ["[1/4", "[2/4", "[3/4", "[4/4"]
+    assert all(re.search(r"\] trial \d: val/loss=\d\.\d{4} \(\d+s\) · elapsed \d+:\d\d · ETA \d+:\d\d$", line)
+               for line in lines), lines
 
 
 @pytest.mark.parametrize("change, key", [

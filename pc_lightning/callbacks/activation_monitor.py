@@ -15,7 +15,9 @@ Metric names (step = optimizer step):
                            kind in qkv (q, k, v), proj (o), fc1 (gate, up), fc2 (down)
   act/<module name>/l2     the same for one layer, e.g. act/blocks.0.attn.q/l2
   attn/max_logit/<i>       max over batch, heads and causal pairs of q.k / sqrt(hd) in block i
-                           (after qk-norm and RoPE, before any soft-cap)
+                           (after qk-norm and RoPE, before any soft-cap); with model.qk_clip on, QK-clip measures
+                           it on every step and logs it instead (max over all micro-batches of the step, before
+                           the clip; pc_lightning/callbacks/qk_clip.py), so it is computed once
   logits/log_z             mean over tokens of logsumexp of the output logits (after logit soft-cap)
   embed/std                std of the embedding output (after scaling / LayerNorm), the first block's input
 """
@@ -32,15 +34,29 @@ from pc_lightning.config import MonitorConfig
 from pc_lightning.layers import ROLES, iter_layers
 
 
-def max_causal_logit(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """max over b, h and j <= i of q_i . k_j / sqrt(hd); q, k: (B, H, T, hd). One sequence at a time."""
-    T = q.size(-2)
+# Score elements (B·H·T·T) computed at once by max_causal_logit_per_head; longer batches go in chunks of sequences.
+SCORE_CHUNK = 1 << 24
+
+
+def max_causal_logit_per_head(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """(H,) max over b and j <= i of q_i . k_j / sqrt(hd) per head, in fp32; q, k: (B, H, T, hd).
+
+    As many sequences at a time as keep the score tensor under SCORE_CHUNK elements (the whole batch at the
+    tiny sizes, one sequence of a 124M model at T = 1024), so a block costs a few launches and no host sync."""
+    B, H, T, hd = q.shape
     allowed = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    best = torch.full((), -math.inf, device=q.device)
-    for qb, kb in zip(q.float(), k.float()):
-        scores = (qb @ kb.transpose(-2, -1)) / math.sqrt(q.size(-1))
-        best = torch.maximum(best, scores.masked_fill(~allowed, -math.inf).amax())
+    chunk = max(1, SCORE_CHUNK // max(1, H * T * T))
+    best = torch.full((H,), -math.inf, device=q.device)
+    for start in range(0, B, chunk):
+        qc, kc = q[start:start + chunk].float(), k[start:start + chunk].float()
+        scores = (qc @ kc.transpose(-2, -1)) / math.sqrt(hd)
+        best = torch.maximum(best, scores.masked_fill(~allowed, -math.inf).amax(dim=(0, 2, 3)))
     return best
+
+
+def max_causal_logit(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """max over b, h and j <= i of q_i . k_j / sqrt(hd); q, k: (B, H, T, hd)."""
+    return max_causal_logit_per_head(q, k).amax()
 
 
 class ActivationMonitor(L.Callback):

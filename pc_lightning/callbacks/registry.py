@@ -45,16 +45,30 @@ def configured_callbacks(cfg: ExperimentConfig, module: L.LightningModule) -> li
             # s is decayed at every inner step of a Gauss-Newton outer step: the dropped values follow suit
             callbacks.append(RankAdaptation(cfg.model.tsvd,
                                             cfg.optim.gn.inner_steps if cfg.optim.gauss_newton else 1))
-    # --- stability monitors and spike detection ---
+    # --- QK-clip: after the layers' own post-step work, before the monitors read the step's result ---
     mon = cfg.monitor
-    if mon.activation_norms or mon.attn_logits or mon.log_z or mon.embed_std:
+    if cfg.model.qk_clip > 0:
+        from pc_lightning.callbacks.qk_clip import QKClip
+
+        callbacks.append(QKClip(cfg.model.qk_clip, every=mon.every if mon.attn_logits else None))
+    # --- stability monitors and spike detection ---
+    # QK-clip measures the max logits on every step: the activation monitor does not compute them again
+    attn_logits = mon.attn_logits and not cfg.model.qk_clip > 0
+    if mon.activation_norms or attn_logits or mon.log_z or mon.embed_std:
+        import dataclasses
+
         from pc_lightning.callbacks.activation_monitor import ActivationMonitor
 
-        callbacks.append(ActivationMonitor(mon))
+        callbacks.append(ActivationMonitor(dataclasses.replace(mon, attn_logits=attn_logits)))
     if mon.grad_norms:  # before spike detection: its skip action drops the gradients
         from pc_lightning.callbacks.grad_monitor import GradNormMonitor
 
         callbacks.append(GradNormMonitor(mon.every))
+    update_signal = mon.spike.enabled and "update_ratio" in mon.spike.signals
+    if mon.update_norms or update_signal:  # before spike detection, which reads its ratio
+        from pc_lightning.callbacks.update_monitor import UpdateMonitor
+
+        callbacks.append(UpdateMonitor(mon.every, log=mon.update_norms, every_step=update_signal))
     if mon.spike.enabled:
         from pc_lightning.callbacks.spike_detection import SpikeDetection
 

@@ -1,12 +1,15 @@
 """Loss / gradient-norm spike detection (OLMo-core rule) with the actions log, skip and rollback.
 
-Rule (OLMo-core ``StabilityMonitorCallback``): keep the last ``window`` (128) values of the training loss and of
-the gradient norm; once ``warmup`` (64) values are there, step t is a spike if
+Rule (OLMo-core ``StabilityMonitorCallback``): keep the last ``window`` (128) values of each watched series;
+once ``warmup`` (64) values are there, step t is a spike if
 
     x_t - mean(h) > sigmas * std(h)        (sigmas = 6; h = the history *before* t; population std)
 
-for the loss or for the gradient norm. Every finite value then joins its history, spikes included (as in
-OLMo-core), so a lasting level shift stops counting as a spike after a while.
+for any of the series named in ``monitor.spike.signals``: ``loss`` (training loss), ``grad_norm`` (total gradient
+norm before clipping; these two are OLMo-core's and the default) and ``update_ratio`` (‖ΔW‖ / ‖W‖ over all
+parameters for the step, measured by :class:`~pc_lightning.callbacks.update_monitor.UpdateMonitor`, which must be
+registered before this callback and measure every step). Every finite value then joins its history, spikes
+included (as in OLMo-core), so a lasting level shift stops counting as a spike after a while.
 
 Actions (``monitor.spike.action``):
 
@@ -15,7 +18,8 @@ Actions (``monitor.spike.action``):
 * ``skip``: as ``log``, and that step's optimizer update is skipped: the gradients are dropped (set to None) in
   ``on_before_optimizer_step``, so the optimizer's step leaves parameters and its state (moments, step counts)
   untouched; the LR schedule still advances (the step is spent). Not supported with ``16-mixed`` (the AMP grad
-  scaler refuses a step without gradients).
+  scaler refuses a step without gradients), nor with the ``update_ratio`` signal: the update is known only after
+  it has been applied (the config refuses both).
 * ``rollback`` (PaLM, Chowdhery et al. 2022, section 5.1): as ``log``, and on a spike the weights and optimizer
   state are restored from the rollback checkpoint saved ~``rollback_steps_back`` steps earlier, the next
   ``rollback_skip_batches`` batches of the data stream are skipped, and training continues. The optimizer-step
@@ -28,7 +32,12 @@ parameters and optimizer state to blend back would cost 3x the parameter memory 
 two scalars (loss, grad norm) on the host after the backward; PretrainModule's divergence check already syncs on
 the loss every step, so the added cost is that the optimizer's kernels are queued after the backward finishes
 instead of while it runs. ``log`` and ``rollback`` read them in ``on_train_batch_end``, after the update is
-queued. Under DDP the two values are averaged over ranks first (one all-reduce), so every rank decides alike.
+queued, together with the update ratio (one read of the stacked values). Under DDP the values are averaged over
+ranks first (one all-reduce), so every rank decides alike. A signal not watched is not computed.
+
+Gauss-Newton runs (``action: log`` only): the loss is its logged ``train/loss`` (cross-entropy at θ_t), the
+"gradient" the norm of the outer step's direction θ_t − θ̂ (what its outer SGD step is given), the update ratio
+that of the outer step.
 """
 
 from __future__ import annotations
@@ -80,26 +89,47 @@ def find_spikes(trace: Iterable[float], window: int = 128, warmup: int = 64, sig
     return [i for i, x in enumerate(trace) if rule.is_spike(rule.observe(float(x)))]
 
 
+# signal -> (metric name of its z-score, key of its history in the callback's state)
+SIGNALS = {"loss": ("spike/z_loss", "loss_history"), "grad_norm": ("spike/z_grad", "grad_history"),
+           "update_ratio": ("spike/z_update", "update_history")}
+
+
 class SpikeDetection(L.Callback):
     def __init__(self, cfg: SpikeConfig):
         self.cfg = cfg
-        self.loss_rule = SpikeRule(cfg.window, cfg.warmup, cfg.sigmas)
-        self.grad_rule = SpikeRule(cfg.window, cfg.warmup, cfg.sigmas)
+        self.signals = list(cfg.signals)
+        self.rules = {name: SpikeRule(cfg.window, cfg.warmup, cfg.sigmas) for name in self.signals}
+        self._updates = None  # the UpdateMonitor that measures update_ratio (found in setup)
         self.spike_steps: list[int] = []
         self.rollbacks: list[tuple[int, int]] = []  # (spike step, step of the checkpoint restored)
         self._rollback_ckpts: list[tuple[int, str]] = []  # (optimizer step, path), oldest first
         self._loss: torch.Tensor | None = None
         self._grad_norm: torch.Tensor | None = None
 
-    # ------------------------------------------------------------------ reading loss and grad norm
+    # ------------------------------------------------------------------ reading the signals
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if "update_ratio" not in self.signals:
+            return
+        from pc_lightning.callbacks.update_monitor import UpdateMonitor
+
+        mine = trainer.callbacks.index(self)
+        found = [(i, c) for i, c in enumerate(trainer.callbacks) if isinstance(c, UpdateMonitor) and c.every_step]
+        if not found or found[0][0] > mine:
+            raise ValueError("monitor.spike.signals has update_ratio: register an UpdateMonitor(every_step=True) "
+                             "before SpikeDetection (pc_lightning.callbacks.registry does)")
+        self._updates = found[0][1]
+
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
         # Lightning divides the loss by accumulate_grad_batches: the sum over micro-batches is the step's mean.
         loss = loss.detach().float()
         self._loss = loss if self._loss is None else self._loss + loss
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
-        grads = [p.grad.detach() for p in pl_module.parameters() if p.grad is not None]
-        self._grad_norm = get_total_norm(grads).float() if grads else torch.zeros((), device=pl_module.device)
+        if "grad_norm" in self.signals:
+            grads = [p.grad.detach() for p in pl_module.parameters() if p.grad is not None]
+            self._grad_norm = get_total_norm(grads).float() if grads else torch.zeros((), device=pl_module.device)
+        else:
+            self._grad_norm = torch.zeros((), device=pl_module.device)  # marks "a step is being taken"
         if self.cfg.action == "skip" and self._decide(trainer, trainer.global_step):
             for p in pl_module.parameters():
                 p.grad = None  # the optimizer skips parameters without a gradient: no update, no state change
@@ -114,20 +144,31 @@ class SpikeDetection(L.Callback):
         if self.cfg.action == "rollback" and trainer.global_step % self.cfg.rollback_steps_back == 0:
             self._save_rollback_checkpoint(trainer)
 
+    def _signal(self, name: str, step: int, trainer: L.Trainer) -> torch.Tensor:
+        if name == "loss":
+            # Gauss-Newton (manual optimisation) runs no backward of its own: its logged training loss
+            return self._loss if self._loss is not None else trainer.callback_metrics["train/loss"].detach()
+        if name == "grad_norm":
+            return self._grad_norm
+        if self._updates.last_step != step:  # the monitor measures every step; anything else is a wiring bug
+            raise RuntimeError(f"no update ratio was measured for step {step}")
+        return self._updates.last_ratio.to(self._grad_norm.device)
+
     def _decide(self, trainer: L.Trainer, step: int) -> bool:
-        values = torch.stack([self._loss, self._grad_norm])
+        values = torch.stack([self._signal(name, step, trainer).float() for name in self.signals])
         if trainer.world_size > 1:
             values = trainer.strategy.reduce(values, reduce_op="mean")
-        loss, grad_norm = values.tolist()  # the host sync explained in the module docstring
-        z_loss, z_grad = self.loss_rule.observe(loss), self.grad_rule.observe(grad_norm)
-        if not (self.loss_rule.is_spike(z_loss) or self.grad_rule.is_spike(z_grad)):
+        numbers = dict(zip(self.signals, values.tolist()))  # the host sync explained in the module docstring
+        z = {name: self.rules[name].observe(x) for name, x in numbers.items()}
+        if not any(self.rules[name].is_spike(score) for name, score in z.items()):
             return False
         self.spike_steps.append(step)
-        log.warning("spike at step %d: loss %.4f (z=%.1f), grad norm %.4f (z=%.1f); action %s",
-                    step, loss, z_loss, grad_norm, z_grad, self.cfg.action)
+        log.warning("spike at step %d: %s; action %s", step,
+                    ", ".join(f"{name} {numbers[name]:.4g} (z={z[name]:.1f})" for name in self.signals),
+                    self.cfg.action)
         if trainer.is_global_zero and trainer.logger is not None:
-            trainer.logger.log_metrics({"spike/count": float(len(self.spike_steps)), "spike/z_loss": z_loss,
-                                        "spike/z_grad": z_grad}, step=step)
+            metrics = {SIGNALS[name][0]: score for name, score in z.items()}
+            trainer.logger.log_metrics({"spike/count": float(len(self.spike_steps)), **metrics}, step=step)
         return True
 
     # ------------------------------------------------------------------ rollback
@@ -157,11 +198,16 @@ class SpikeDetection(L.Callback):
         pl_module.load_state_dict(state["state_dict"])
         for optimizer, opt_state in zip(trainer.optimizers, state["optimizer_states"]):
             optimizer.load_state_dict(opt_state)
+        # the optimizer state holds the learning rate of the checkpoint's step; the schedule has moved on (it already
+        # stepped for this step), so the next step uses the schedule's current rate, as without the rollback
+        for config in trainer.lr_scheduler_configs:
+            for group, lr in zip(config.scheduler.optimizer.param_groups, config.scheduler.get_last_lr()):
+                group["lr"] = lr
         # the detector's history goes back with the weights, so the higher loss of the older weights is no spike
         saved = state.get("callbacks", {}).get(self.state_key, {})
-        for rule, key in ((self.loss_rule, "loss_history"), (self.grad_rule, "grad_history")):
+        for name, rule in self.rules.items():
             rule.history.clear()
-            rule.history.extend(saved.get(key, []))
+            rule.history.extend(saved.get(SIGNALS[name][1], []))
         datamodule = trainer.datamodule
         if datamodule is not None and hasattr(datamodule, "skip_batches"):
             datamodule.skip_batches(self.cfg.rollback_skip_batches)
@@ -191,13 +237,13 @@ class SpikeDetection(L.Callback):
         self._summarise(trainer)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"loss_history": list(self.loss_rule.history), "grad_history": list(self.grad_rule.history),
-                "spike_steps": list(self.spike_steps), "rollbacks": list(self.rollbacks),
+        histories = {SIGNALS[name][1]: list(rule.history) for name, rule in self.rules.items()}
+        return {**histories, "spike_steps": list(self.spike_steps), "rollbacks": list(self.rollbacks),
                 "rollback_ckpts": list(self._rollback_ckpts)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.loss_rule.history.extend(state_dict.get("loss_history", []))
-        self.grad_rule.history.extend(state_dict.get("grad_history", []))
+        for name, rule in self.rules.items():
+            rule.history.extend(state_dict.get(SIGNALS[name][1], []))
         self.spike_steps = list(state_dict.get("spike_steps", []))
         self.rollbacks = [tuple(r) for r in state_dict.get("rollbacks", [])]
         self._rollback_ckpts = [tuple(c) for c in state_dict.get("rollback_ckpts", [])]

@@ -24,11 +24,12 @@ batches would be, so a resumed run continues with exactly the batches an uninter
    carried state the next outer step starts its inner iterate at θ̂, not at θ_{t+1} (they differ when α < 1).
    With ``ema_decay`` = d > 0, e ← d·e + (1 − d)·θ_{t+1} (e starts at the run's first θ).
 
-Inner learning rate (``inner_schedule``): ``global_cosine`` scales ``inner_lr`` by optim's warmup + cosine over
-outer steps (constant within an outer step); ``per_outer_cosine`` multiplies ``inner_lr`` at inner step k by
-½(1 + cos(πk/inner_steps)), the same cosine in every outer step, after a linear warmup over
-``optim.warmup_fraction`` of the outer steps (the reference's ``constant_with_inner_cosine``). Weight decay is
-the inner optimizer's own (decoupled, on θ).
+Inner learning rate (``inner_schedule``): ``global_cosine`` scales ``inner_lr`` by ``optim.schedule`` over
+outer steps (warmup + cosine by default, or WSD / constant; constant within an outer step); ``per_outer_cosine``
+multiplies ``inner_lr`` at inner step k by ½(1 + cos(πk/inner_steps)), the same cosine in every outer step,
+after a linear warmup over ``optim.warmup_fraction`` of the outer steps (the reference's
+``constant_with_inner_cosine``; ``optim.schedule=wsd`` is refused with it). Weight decay is the inner
+optimizer's own (decoupled, on θ).
 
 ``gn_layerwise``: the parameters are split into solve groups (``layer_groups``): ``blocks_plus_rest`` = one
 per transformer block (``blocks.i.*``) plus one for everything outside the blocks (embedding, final norm, LM
@@ -68,6 +69,7 @@ gradients before clipping).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -101,8 +103,9 @@ class GaussNewtonModule(PretrainModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         outer = torch.optim.SGD([{"params": params, "name": "alpha"}], lr=1.0)  # lr = the chosen α, per step
         inner = build_inner_optimizer(self.model, o)
-        after_warmup = "constant" if o.gn.inner_schedule == "per_outer_cosine" else "cosine"
-        scheduler = build_scheduler(inner, self.total_steps, o.warmup_fraction, o.min_lr_ratio, after_warmup)
+        # per_outer_cosine: the cosine is per outer step (training_step); over outer steps warmup, then constant
+        outer_shape = replace(o, schedule="constant") if o.gn.inner_schedule == "per_outer_cosine" else o
+        scheduler = build_scheduler(inner, self.total_steps, outer_shape)
         return [outer, inner], [{"scheduler": scheduler, "interval": "step"}]
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:

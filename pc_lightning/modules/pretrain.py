@@ -140,8 +140,7 @@ class PretrainModule(L.LightningModule):
         with (full_parameters(self.trainer.strategy, writeback=False) if self._trainer is not None
               else contextlib.nullcontext()):
             optimizer = build_optimizer(self.model, self.cfg.optim)
-        scheduler = build_scheduler(optimizer, self.total_steps, self.cfg.optim.warmup_fraction,
-                                    self.cfg.optim.min_lr_ratio)
+        scheduler = build_scheduler(optimizer, self.total_steps, self.cfg.optim)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:

@@ -22,22 +22,33 @@ combination that fails (e.g. a variant whose code is not there yet) ends as a fa
 (its run is created before anything else, :func:`pc_lightning.train.open_run`) and the grid goes on. At the
 end ``results/<name>/`` (summary.md, runs.csv, PNG plots) is rendered from MLflow by
 :mod:`pc_lightning.sweep.report` -- the same code ``pcl report`` uses -- and attached to the parent run.
+
+``--workers N`` runs the combinations in N worker processes of ``cores // N`` threads each
+(:mod:`pc_lightning.sweep.workers`) under the same parent run and with the same resume rules; the report is
+rendered once, by this process, when they are done. A Ctrl-C stops every worker: their runs in progress end
+killed, the parent run too, and the same command resumes. Progress (runs done / total, elapsed, ETA, the step
+of each run in progress) is shown by :mod:`pc_lightning.progress`.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import lightning as L
 import yaml
 
 from pc_lightning import tracking
 from pc_lightning.config import ConfigError, ExperimentConfig, build
+from pc_lightning.progress import Progress, StepProgress
 from pc_lightning.secrets import redact
 from pc_lightning.sweep import runs
+from pc_lightning.sweep.workers import run_jobs
 from pc_lightning.sweep.space import compose_config, resolve_relative
 from pc_lightning.tracked_run import RunStatus
 
@@ -130,12 +141,53 @@ def is_done(run) -> bool:
     return RunStatus.of(run) in (RunStatus.FINISHED, RunStatus.DIVERGED)
 
 
-def run_ablation(spec_path: str, overrides: list[str] | None = None) -> int:
-    """Run every missing combination, then render results/<name>/. Exit code 1 if any run failed."""
-    from pc_lightning.sweep.report import publish_ablation
+@dataclass
+class Outcome:
+    """How one combination's run ended, as the progress display reports it."""
+
+    status: RunStatus
+    val_loss: float | None = None
+    seconds: float = 0.0
+    error: str = ""  # type and message of the exception that failed the run
+
+    def describe(self) -> str:
+        if self.status == RunStatus.FAILED:
+            return f"FAILED: {self.error}"
+        loss = "no validation" if self.val_loss is None or math.isnan(self.val_loss) else \
+            f"val/loss={self.val_loss:.4f}"
+        return f"{self.status}, {loss} ({self.seconds:.0f}s)"
+
+
+def run_combination(spec: AblationSpec, combo: Combination, overrides: list[str], parent_id: str,
+                    callbacks: list[L.Callback] = ()) -> Outcome:
+    """Train one combination under the parent run. An exception fails only this combination (its run ended
+    failed, carrying the error); a Ctrl-C is raised."""
     from pc_lightning.train import train
 
+    started = time.monotonic()
+    try:
+        result = train(run_config(spec, combo, overrides, parent_id), extra_callbacks=list(callbacks), quiet=True)
+    except Exception as e:  # one broken combination must not stop the grid
+        return Outcome(RunStatus.FAILED, seconds=time.monotonic() - started, error=redact(f"{type(e).__name__}: {e}"))
+    return Outcome(result.status, result.metrics.get("val/loss"), time.monotonic() - started)
+
+
+def _combination_job(spec: AblationSpec, overrides: list[str], parent_id: str, callbacks: list[L.Callback],
+                     combo: Combination, report_step) -> Outcome:
+    """A worker process's job (:func:`pc_lightning.sweep.workers.run_jobs`): one combination."""
+    return run_combination(spec, combo, overrides, parent_id, [StepProgress(report_step), *callbacks])
+
+
+def run_ablation(spec_path: str, overrides: list[str] | None = None, workers: int = 1,
+                 extra_callbacks: list[L.Callback] = ()) -> int:
+    """Run every missing combination, ``workers`` at a time (each in a process of its own if ``workers`` > 1),
+    then render results/<name>/. Exit code 1 if any run failed, 130 if interrupted. ``extra_callbacks`` join
+    every run's Trainer (pickled into the worker processes)."""
+    from pc_lightning.sweep.report import publish_ablation
+
     overrides = list(overrides or [])
+    if workers < 1:
+        raise ConfigError("--workers", "must be >= 1")
     spec = load_ablation(spec_path)
     grid = combinations(spec)
     for combo in grid:  # every combination is a valid config before anything runs
@@ -156,20 +208,31 @@ def run_ablation(spec_path: str, overrides: list[str] | None = None) -> int:
                     for r in runs.children(mlflow_client, mlflow_client.get_run(parent.run_id))
                     if is_done(r)}
             todo = [c for c in grid if c.key not in done]
-            print(f"ablation '{spec.name}': {len(grid)} runs, {len(grid) - len(todo)} already done, {len(todo)} to run")
-            for i, combo in enumerate(todo, 1):
-                cfg = run_config(spec, combo, overrides, parent.run_id)
-                started = time.time()
-                try:
-                    result = train(cfg, quiet=True)
-                    print(f"[{i}/{len(todo)}] {combo.key}: {result.status}, val/loss="
-                          f"{result.metrics.get('val/loss', float('nan')):.4f} ({time.time() - started:.0f}s)")
-                except Exception as e:  # one broken combination must not stop the grid; its run ended failed
-                    failures += 1
-                    print(redact(f"[{i}/{len(todo)}] {combo.key}: FAILED: {type(e).__name__}: {e}"), file=sys.stderr)
+            parallel = f" in {min(workers, len(todo))} worker processes" if workers > 1 and len(todo) > 1 else ""
+            print(f"ablation '{spec.name}': {len(grid)} runs, {len(grid) - len(todo)} already done, "
+                  f"{len(todo)} to run{parallel}", flush=True)
+            with Progress(f"ablation '{spec.name}'", total=len(grid), done=len(grid) - len(todo)) as progress:
+                def ended(combo: Combination, outcome: Outcome) -> None:
+                    nonlocal failures
+                    failures += outcome.status == RunStatus.FAILED
+                    progress.finished(combo.key, outcome.describe(), error=outcome.status == RunStatus.FAILED)
+
+                if parallel:
+                    job = functools.partial(_combination_job, spec, overrides, parent.run_id, list(extra_callbacks))
+                    lost = run_jobs(job, todo, workers,
+                                    on_step=lambda i, step, max_steps: progress.step(todo[i].key, step, max_steps),
+                                    on_done=lambda i, outcome: ended(todo[i], outcome))
+                    for i in lost:  # its worker died (killed, out of memory): its run is redone next time
+                        ended(todo[i], Outcome(RunStatus.FAILED, error="its worker process exited without a result"))
+                else:
+                    for combo in todo:
+                        steps = StepProgress(lambda step, max_steps, key=combo.key: progress.step(key, step, max_steps))
+                        ended(combo, run_combination(spec, combo, overrides, parent.run_id,
+                                                     [steps, *extra_callbacks]))
             out_dir = publish_ablation(mlflow_client, parent.run_id)
     except (KeyboardInterrupt, SystemExit):
         print(f"pcl: ablation '{spec.name}' interrupted; run the same command to resume", file=sys.stderr)
         return 130
-    print(f"ablation '{spec.name}': summary in {out_dir / 'summary.md'}")
+    failed = f"{failures} of {len(todo)} runs failed; " if failures else ""
+    print(f"ablation '{spec.name}': {failed}summary in {out_dir / 'summary.md'}")
     return 1 if failures else 0

@@ -22,7 +22,9 @@ Each trial is one :func:`pc_lightning.train.train` run, nested under the study's
   attribute ``diverged=True`` and its MLflow run the tag ``status=diverged``.
 * **Pruned trials** end PRUNED in Optuna; their MLflow run is set KILLED with tag ``status=pruned``.
 
-``--workers N`` starts N ``pcl sweep`` worker processes on this machine sharing the storage; other machines
+``--workers N`` starts N ``pcl sweep`` worker processes on this machine sharing the storage, with ``cores // N``
+threads each (:mod:`pc_lightning.sweep.workers`); the starting command shows the progress
+(:mod:`pc_lightning.progress`; without the step of each trial, which runs in another process). Other machines
 join by running the same command with the same ``--storage`` URL (PostgreSQL, or a journal file on a shared
 disk) and ``tracking.tracking_uri`` (docs/multi-machine.md). The storage URL and the overrides reach the
 ``--workers`` processes through the environment, not their command lines, and the ``pcl.storage`` tag holds the
@@ -61,7 +63,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import optuna
@@ -79,6 +81,8 @@ from pc_lightning.sweep import runs
 from pc_lightning.sweep.pruning import OptunaPruning
 from pc_lightning.sweep.start_lock import StartLock
 from pc_lightning.sweep.storage import ReconnectingRDBStorage, describe
+from pc_lightning.sweep.trial_progress import TrialProgress
+from pc_lightning.sweep.workers import thread_environment
 from pc_lightning.secrets import redact
 from pc_lightning.train import train, world_size
 from pc_lightning.sweep.space import (SweepSpec, build_pruner, build_sampler, compose_config, is_journal, load_spec,
@@ -93,6 +97,7 @@ WORKER_ENV = "PCL_SWEEP_WORKER"  # set in processes started by --workers: their 
 # (which every user of the machine can read): either may hold a password
 STORAGE_ENV, OVERRIDES_ENV = "PCL_SWEEP_STORAGE", "PCL_SWEEP_OVERRIDES"
 TRIAL, WAIT, STOP = "trial", "wait", "stop"  # rank 0's commands to the other ranks of a multi-device worker
+POLL_EVERY = 2.0  # seconds between the starting command's looks at the study while --workers run
 
 
 @dataclass
@@ -265,11 +270,13 @@ def trial_counts(study: optuna.Study) -> dict[TrialState, int]:
 
 
 def work(study: optuna.Study, spec: SweepSpec, n_trials: int, objective, timeout: float | None,
-         heartbeat: bool, lock: StartLock, held: HeldInterrupt, ranks: Ranks | None = None) -> None:
+         heartbeat: bool, lock: StartLock, held: HeldInterrupt, ranks: Ranks | None = None,
+         on_trial_end: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None) -> None:
     """One worker's loop: run trials until n_trials are finished (by anyone), or the timeout is reached.
     With ranks, rank 0 tells the others each step (:func:`follow_rank_zero`). ``lock`` is held from the count
     until the new trial is RUNNING in the storage (:mod:`pc_lightning.sweep.start_lock`); a Ctrl-C after the
-    objective's training is raised once the trial is recorded (:mod:`pc_lightning.held_interrupt`)."""
+    objective's training is raised once the trial is recorded (:mod:`pc_lightning.held_interrupt`).
+    ``on_trial_end`` is called with each trial this worker has finished (completed or pruned)."""
     tell = ranks.share if ranks is not None else (lambda command: None)
 
     def started(trial: optuna.Trial):
@@ -294,7 +301,8 @@ def work(study: optuna.Study, spec: SweepSpec, n_trials: int, objective, timeout
                 continue
             tell(TRIAL)
             try:
-                study.optimize(started, n_trials=1)  # an error fails the trial and stops this command
+                study.optimize(started, n_trials=1,  # an error fails the trial and stops this command
+                               callbacks=[on_trial_end] if on_trial_end else None)
             finally:
                 held.release()
             lock.release()
@@ -304,16 +312,24 @@ def work(study: optuna.Study, spec: SweepSpec, n_trials: int, objective, timeout
 
 
 def spawn_workers(spec_path: str, workers: int, n_trials: int, url: str, overrides: list[str],
-                  worker_index: int = 0) -> int:
-    """N local ``pcl sweep`` processes on one storage (each its own Python, so no fork of torch state)."""
+                  worker_index: int = 0, poll: Callable[[], None] | None = None) -> int:
+    """N local ``pcl sweep`` processes on one storage (each its own Python, so no fork of torch state), each with
+    ``cores // N`` threads (:mod:`pc_lightning.sweep.workers`); ``poll`` is called every few seconds while they
+    run."""
     env = dict(os.environ, PCL_RESULTS_DIR=str(tracking.RESULTS_DIR.resolve()), **{
         STORAGE_ENV: url, OVERRIDES_ENV: json.dumps(overrides)})
     procs = []
     for i in range(workers):
         cmd = [sys.executable, "-m", "pc_lightning.cli", "sweep", str(spec_path), "--n-trials", str(n_trials),
                "--worker-index", str(worker_index)]
-        procs.append(subprocess.Popen(cmd, env={**env, WORKER_ENV: str(i)}))
-    return max(p.wait() for p in procs)
+        procs.append(subprocess.Popen(cmd, env={**env, **thread_environment(workers), WORKER_ENV: str(i)}))
+    while True:
+        running = any(p.poll() is None for p in procs)
+        if poll is not None:
+            poll()
+        if not running:
+            return max(p.returncode for p in procs)
+        time.sleep(POLL_EVERY)
 
 
 def run_sweep(spec_path: str, workers: int = 1, n_trials: int | None = None, storage: str | None = None,
@@ -362,13 +378,19 @@ def run_sweep(spec_path: str, workers: int = 1, n_trials: int | None = None, sto
         # The command that started the workers owns the parent run: finished once n_trials are finished,
         # killed by Ctrl-C/SIGTERM (Lightning raises SIGTERMException) or a timeout, failed by an error.
         with parent if not is_worker_process else contextlib.nullcontext():
-            if workers > 1 and not is_worker_process:
-                rc = spawn_workers(spec_path, workers, n_total, url, overrides, worker_index)
-            else:
-                held = HeldInterrupt()
-                objective = make_objective(spec, overrides, parent.run_id, mlflow_client, held, ranks, extra_callbacks)
-                work(study, spec, n_total, objective, spec.timeout, heartbeat=not is_journal(url),
-                     lock=StartLock(url, spec.study_name), held=held, ranks=ranks)
+            # the progress display is the starting command's (spawn_workers' processes show none)
+            progress = None if is_worker_process else TrialProgress(study, spec, n_total)
+            with progress or contextlib.nullcontext():
+                if workers > 1 and not is_worker_process:
+                    rc = spawn_workers(spec_path, workers, n_total, url, overrides, worker_index, poll=progress.poll)
+                else:
+                    held = HeldInterrupt()
+                    steps = [progress.steps] if progress else []
+                    objective = make_objective(spec, overrides, parent.run_id, mlflow_client, held, ranks,
+                                               [*extra_callbacks, *steps])
+                    work(study, spec, n_total, objective, spec.timeout, heartbeat=not is_journal(url),
+                         lock=StartLock(url, spec.study_name), held=held, ranks=ranks,
+                         on_trial_end=progress and progress.trial_ended)
             if is_worker_process:
                 return rc
 

@@ -120,7 +120,7 @@ class TSVDConfig(Section):
     min_rank_fraction: float = 0.01
     max_rank_fraction: float = 1.0
     max_shrink_fraction: float = 0.5  # never drop more than this fraction of the rank at once
-    grow_fraction: float = 0.25  # when every kept direction is needed to reach tau, grow r by this fraction
+    lookahead: bool = True  # rank checks probe the dense gradient (augmented basis + line-search step): rank can grow
     ns_steps: int = 5  # cubic Newton-Schulz steps per refresh (ortho_method: newton_schulz)
 
     def check(self) -> None:
@@ -132,7 +132,6 @@ class TSVDConfig(Section):
         require(self.refresh_every >= 1, "refresh_every", "must be >= 1")
         require(self.rank_check_every >= 0, "rank_check_every", "must be >= 0")
         require(0 < self.max_shrink_fraction <= 1, "max_shrink_fraction", "must be in (0, 1]")
-        require(self.grow_fraction >= 0, "grow_fraction", "must be >= 0 (0 = never grow)")
         require(self.ns_steps >= 1, "ns_steps", "must be >= 1")
 
     def refresh_due(self, step: int) -> bool:
@@ -331,6 +330,7 @@ class OptimConfig(Section):
     # who use 1e-4): each optimizer part is given weight_decay / its peak LR
     independent_weight_decay: bool = False
     decay_pc_gamma: bool = True  # also decay the PC gains gamma, as the PC reference does (it decays everything)
+    decay_tsvd_s: bool = True  # also decay the TSVD singular values s: decaying W = U diag(s) V^T is decaying s
     decay_all: bool = False  # decay every parameter (norms, gains, embedding, head too), as the PC reference does
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
@@ -365,6 +365,8 @@ class OptimConfig(Section):
         require(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 = off)")
         require(self.decay_pc_gamma or not self.decay_all, "decay_pc_gamma",
                 "false contradicts decay_all=true, which decays the PC gains too")
+        require(self.decay_tsvd_s or not self.decay_all, "decay_tsvd_s",
+                "false contradicts decay_all=true, which decays the TSVD singular values too")
         require(self.gn.layer_groups == "blocks_plus_rest" or self.name == "gn_layerwise", "gn.layer_groups",
                 f"only gn_layerwise has solve groups (optim.name is {self.name})")
         if self.schedule == "wsd":

@@ -215,3 +215,33 @@ def test_decay_all_refuses_a_contradicting_gamma_switch(tiny_cfg):
     with pytest.raises(ConfigError) as err:
         tiny_cfg(**{"optim.decay_all": True, "optim.decay_pc_gamma": False})
     assert err.value.key == "optim.decay_pc_gamma"
+    with pytest.raises(ConfigError) as err:
+        tiny_cfg(**{"optim.decay_all": True, "optim.decay_tsvd_s": False})
+    assert err.value.key == "optim.decay_tsvd_s"
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon", "soap", "gn"])
+@pytest.mark.parametrize("decay_s", [True, False])
+def test_tsvd_singular_values_are_weight_decayed_as_configured(name, decay_s):
+    """optim.decay_tsvd_s puts every TSVD singular-value vector s in a decayed group: the retraction undoes decay
+    on U and V (QR of c·U has U's Q), so decaying W = U diag(s) Vᵀ in Frobenius norm is decaying s."""
+    model = tiny_model(linear="tsvd")
+    opt = build_optimizer(model, OptimConfig(name=name, weight_decay=0.1, decay_tsvd_s=decay_s))
+    groups = [g for part in getattr(opt, "optimizers", [opt]) for g in part.param_groups]
+    singular_values = {id(p) for n, p in model.named_parameters() if n.endswith(".s")}
+    assert len(singular_values) == 2 * 7
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert (singular_values <= decayed) if decay_s else not (singular_values & decayed)
+    assert not decayed & {id(p) for n, p in model.named_parameters() if "norm" in n}
+
+
+def test_weight_decay_shrinks_tsvd_singular_values():
+    """With a zero gradient, one AdamW step multiplies s by (1 − lr·wd), as it does a dense weight."""
+    model = tiny_model(linear="tsvd")
+    s = model.blocks[0].attn.q.s
+    before = s.detach().clone()
+    opt = build_optimizer(model, OptimConfig(name="adamw", lr=0.1, weight_decay=0.5))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    torch.testing.assert_close(s.detach(), before * (1 - 0.1 * 0.5))

@@ -14,10 +14,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pc_lightning import tracking
-from pc_lightning.callbacks.rank_adaptation import base_optimizers, remap_state
+from pc_lightning.callbacks.rank_adaptation import RankAdaptation, base_optimizers, remap_state
 from pc_lightning.config import ConfigError, TSVDConfig
-from pc_lightning.layers.energy_rank import energy_rank, next_rank
 from pc_lightning.layers import iter_layers
+from pc_lightning.layers.energy_rank import energy_rank
 from pc_lightning.layers.tsvd_linear import TSVDLinear, orthonormality_error, orthonormalize, refresh_all
 from pc_lightning.train import train
 from helpers import StopAt
@@ -63,18 +63,26 @@ def test_energy_rank_of_matrices_with_known_spectrum(m, n):
         assert energy_rank(layer.s, tau) == expected
 
 
-def test_next_rank_limits_shrink_and_grows_when_all_directions_are_needed():
-    decaying = torch.tensor([10.0] + [0.01] * 19)
-    assert energy_rank(decaying, 0.9) == 1
-    assert next_rank(decaying, 0.9, 1, 40, max_shrink_fraction=0.5, grow_fraction=0.25) == 10  # at most -50%
-    assert next_rank(decaying, 0.9, 12, 40, max_shrink_fraction=0.5, grow_fraction=0.25) == 12  # r_min
-    flat = torch.ones(8)
-    assert next_rank(flat, 0.99, 1, 40, 0.5, 0.25) == 10  # every direction needed: grow by 25%
-    assert next_rank(flat, 0.99, 1, 9, 0.5, 0.25) == 9  # r_max
-    assert next_rank(flat, 0.99, 1, 40, 0.5, 0.0) == 8  # growth off
+def test_rank_does_not_collapse_when_nothing_changes():
+    """Regression (issue 11): the old rule took a rank-64 layer with a stationary spectrum down to 17 in 25 checks
+    (τ = 0.95: every check cut 5% of what was left). Through the callback's ``check``, without a
+    gradient (which the old rule never used either), the layer now cuts 5% of its energy once and keeps the
+    rest. Fails on the old energy_rank.next_rank / RankAdaptation (ranks 64, 61, 58, ..., 17).
+    More in tests/test_rank_adaptation.py."""
+    torch.manual_seed(0)
+    layer = TSVDLinear(128, 128, TSVDConfig(init_rank_fraction=0.5))
+    layer.init_weights(0.02)  # the truncated SVD of a dense init: a flat-ish spectrum, like the tiny run's
+    model = torch.nn.Sequential(layer)
+    adaptation = RankAdaptation(TSVDConfig(energy_threshold=0.95, max_shrink_fraction=0.5))
+    ranks = []
+    for _ in range(25):
+        adaptation.check(model, [])
+        ranks.append(layer.rank)
+    assert ranks[-1] >= 56 and len(set(ranks[1:])) == 1, ranks
 
 
-@pytest.mark.parametrize("key,value", [("max_shrink_fraction", 0.0), ("grow_fraction", -1.0), ("ns_steps", 0)])
+@pytest.mark.parametrize("key,value", [("max_shrink_fraction", 0.0), ("ns_steps", 0), ("grow_fraction", 0.25),
+                                       ("lookahead", "maybe")])
 def test_new_tsvd_keys_are_validated(tiny_cfg, key, value):
     with pytest.raises(ConfigError, match=f"model.tsvd.{key}"):
         tiny_cfg(**{f"model.tsvd.{key}": value})
@@ -210,9 +218,14 @@ def test_resize_keeps_top_directions_and_loads_into_a_fresh_layer():
     torch.testing.assert_close(layer.effective_weight().detach(),
                                top2.U[:, :2] @ torch.diag(top2.S[:2]) @ top2.Vh[:2], rtol=0, atol=1e-5)
     fresh = TSVDLinear(32, 48, TSVDConfig(init_rank_fraction=0.5))
+    layer.dropped = torch.tensor([0.5, 0.25])  # what the rank rule left out, kept with the layer
     fresh.load_state_dict(layer.state_dict())  # strict, though the fresh layer was built at rank 16
-    assert fresh.rank == 6
+    assert fresh.rank == 6 and fresh.dropped.tolist() == [0.5, 0.25]
     torch.testing.assert_close(fresh.effective_weight(), layer.effective_weight())
+    older = {k: v for k, v in layer.state_dict().items() if k != "dropped"}  # a checkpoint from before it existed
+    fresh = TSVDLinear(32, 48, TSVDConfig(init_rank_fraction=0.5))
+    fresh.load_state_dict(older)
+    assert fresh.rank == 6 and fresh.dropped.numel() == 0
 
 
 def test_optimizer_state_is_gathered_or_reset():

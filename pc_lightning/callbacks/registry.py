@@ -42,7 +42,9 @@ def configured_callbacks(cfg: ExperimentConfig, module: L.LightningModule) -> li
 
         callbacks.append(OrthoRefresh(cfg.model.tsvd))
         if cfg.model.tsvd.rank_check_every > 0:
-            callbacks.append(RankAdaptation(cfg.model.tsvd))
+            # s is decayed at every inner step of a Gauss-Newton outer step: the dropped values follow suit
+            callbacks.append(RankAdaptation(cfg.model.tsvd,
+                                            cfg.optim.gn.inner_steps if cfg.optim.gauss_newton else 1))
     # --- QK-clip: after the layers' own post-step work, before the monitors read the step's result ---
     mon = cfg.monitor
     if cfg.model.qk_clip > 0:

@@ -10,11 +10,12 @@ so a token costs r(m + n) multiply-adds instead of m·n, and |s| *are* W's singu
 What the paper does (as far as we could read it): every weight matrix is kept in truncated-SVD form for
 the whole of pre-training; U and V are kept *strictly* orthonormal, and the orthonormalisation is cached
 so that it is not recomputed on every access; the rank of each layer is adapted during training by a
-spectral-energy rule (keep the smallest r with Σ_{i≤r} s_i² ≥ τ Σ_i s_i²,
-:mod:`pc_lightning.layers.energy_rank`). Only the paper's abstract and introduction were retrievable from
-the stored copies available to us, not its method section; the exact recipe below (retraction, refresh
-schedule, growth rule, optimizer-state handling) follows DESIGN.md section 4 and is *ours*: treat every
-detail that is not in the paragraph above as a possible deviation from the paper.
+spectral-energy rule (keep the smallest r with Σ_{i≤r} s_i² ≥ τ Σ_i s_i²). Only the paper's abstract and
+introduction were retrievable from the stored copies available to us, not its method section; the exact
+recipe below and in the callbacks (retraction, refresh schedule, the rank rule with its memory of dropped
+values and its augmented-basis lookahead, :mod:`pc_lightning.layers.energy_rank`,
+:mod:`pc_lightning.layers.lookahead`, optimizer-state handling, weight decay of s) is *ours*
+(docs/tsvd.md): treat every detail that is not in the paragraph above as a possible deviation from the paper.
 
 How orthonormality and gradients are reconciled here:
 
@@ -35,11 +36,15 @@ How orthonormality and gradients are reconciled here:
   gradient), so it cannot carry an orthonormal factor across optimizer steps; and differentiating through
   QR every step is what the caching is meant to avoid.
 * ``s`` is a plain parameter (it may change sign: |s| are the singular values). Weight decay of the matrix
-  parameter groups hits ``U``/``V``, where the retraction removes it (QR of c·U has the same Q), so in
-  effect the factored layer is not weight-decayed: ``s`` is 1-D and gets none (optim/factory.py).
+  parameter groups hits ``U``/``V``, where the retraction removes it (QR of c·U has the same Q); what decays
+  the layer is the decay of ``s`` (``optim.decay_tsvd_s``, default on, optim/factory.py): ‖W‖_F = ‖s‖, so
+  decaying s is decaying W in Frobenius norm, as a dense layer is decayed.
+* ``dropped`` (buffer): the singular values the rank rule left out at earlier checks, which it keeps counting
+  (:func:`pc_lightning.layers.energy_rank.next_rank`); its length changes with them.
 * Persistence: the caches are persistent buffers, so a checkpoint resumes with exactly the factors the
   forward used. Loading a state dict whose rank differs from this layer's resizes the layer first
-  (:meth:`_load_from_state_dict`), so checkpoints written after a rank change load into a fresh model.
+  (:meth:`_load_from_state_dict`), so checkpoints written after a rank change load into a fresh model (one
+  written before ``dropped`` existed loads with none).
 * Dense conversion: :meth:`effective_weight` returns U_ortho·diag(s)·V_orthoᵀ in fp32, exactly the map the
   forward applies; the generic merge (``pc_lightning.merge``) writes it into a plain linear layer.
 
@@ -195,6 +200,8 @@ class TSVDLinear(nn.Module):
         self.s = nn.Parameter(torch.empty(r))
         self.register_buffer("U_ortho", torch.empty(out_features, r))
         self.register_buffer("V_ortho", torch.empty(in_features, r))
+        # singular values the rank rule left out (energy_rank.next_rank), fp32, variable length
+        self.register_buffer("dropped", torch.zeros(0))
         self._random_init(0.02)  # cheap placeholder: the model calls init_weights(std) (an SVD) next
 
     @property
@@ -248,26 +255,45 @@ class TSVDLinear(nn.Module):
 
     # ------------------------------------------------------------------ rank changes
     @torch.no_grad()
-    def resize(self, new_rank: int) -> torch.Tensor:
-        """Change the rank to ``new_rank``, keeping the top singular directions (largest |s|).
+    def resize(self, new_rank: int, new_directions: tuple[torch.Tensor, torch.Tensor] | None = None,
+               keep_count: int | None = None, priority: torch.Tensor | None = None) -> torch.Tensor:
+        """Change the rank to ``new_rank``, keeping the top ``keep_count`` (default: as many as fit) singular
+        directions (largest |s|, or largest ``priority``: one value per direction) and appending new ones for
+        the rest.
 
-        The factors are refreshed first, then sorted by |s| descending; shrinking drops the tail, growing
-        appends random directions orthonormal to the kept ones with s = 0 (so W is unchanged by growth).
-        Returns ``keep``: the old rank indices now at positions 0..len(keep)-1 (positions beyond are new),
-        which :mod:`pc_lightning.callbacks.rank_adaptation` uses to remap optimizer state.
+        The factors are refreshed first, then sorted by |s| (``priority``) descending; the tail is dropped, and
+        new directions
+        orthonormal to the kept ones are appended with s = 0 (so W is unchanged by growth): the columns of
+        ``new_directions`` = (left m × k, right n × k) first (the rank rule's augmented directions), random ones
+        for any still missing. Returns ``keep``: the old rank indices now at positions 0..len(keep)-1 (positions
+        beyond are new), which :mod:`pc_lightning.callbacks.rank_adaptation` uses to remap optimizer state.
         """
         self.refresh()
-        order = torch.argsort(self.s.abs(), descending=True)
-        keep = order[: min(new_rank, self.rank)]
+        order = torch.argsort((self.s.abs() if priority is None else priority.to(self.s.device)), descending=True)
+        keep = order[: min(new_rank, self.rank) if keep_count is None else min(keep_count, new_rank, self.rank)]
         u, v, s = self.U_ortho[:, keep].float(), self.V_ortho[:, keep].float(), self.s[keep].float()
         grow = new_rank - keep.numel()
         if grow > 0:
             with ieee_fp32_matmuls():  # the new directions must be orthogonal to the kept ones to round-off
-                u = torch.cat([u, self._orthonormal_complement(u, grow)], dim=1)
-                v = torch.cat([v, self._orthonormal_complement(v, grow)], dim=1)
+                u = torch.cat([u, self._complement(u, grow, None if new_directions is None else new_directions[0])], 1)
+                v = torch.cat([v, self._complement(v, grow, None if new_directions is None else new_directions[1])], 1)
             s = torch.cat([s, s.new_zeros(grow)])
         self._set_factors(u, s, v)
         return keep
+
+    @classmethod
+    def _complement(cls, q: torch.Tensor, k: int, given: torch.Tensor | None) -> torch.Tensor:
+        """k orthonormal columns orthogonal to q's: the first columns of ``given`` (re-orthonormalised), then
+        random ones."""
+        if given is None or given.shape[1] == 0:
+            return cls._orthonormal_complement(q, k)
+        x = given[:, :k].to(q)
+        for _ in range(2):
+            x = x - q @ (q.T @ x)
+        x = orthonormalize(x, "qr")
+        if x.shape[1] < k:
+            x = torch.cat([x, cls._orthonormal_complement(torch.cat([q, x], 1), k - x.shape[1])], 1)
+        return x
 
     @staticmethod
     def _orthonormal_complement(q: torch.Tensor, k: int) -> torch.Tensor:
@@ -286,6 +312,11 @@ class TSVDLinear(nn.Module):
             with torch.no_grad():
                 self._set_factors(self.U.new_empty(self.out_features, r), self.s.new_empty(r),
                                   self.V.new_empty(self.in_features, r))
+        dropped = state_dict.get(prefix + "dropped")
+        if dropped is not None and dropped.shape != self.dropped.shape:
+            self.dropped = self.dropped.new_zeros(dropped.shape)
+        elif dropped is None and not self.dropped.numel():  # a checkpoint from before the rank rule kept them
+            state_dict[prefix + "dropped"] = self.dropped
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 

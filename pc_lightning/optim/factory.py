@@ -1,10 +1,13 @@
-"""Build the optimizer named by ``optim.name`` for a model (DESIGN.md section 5).
+"""Build the optimizer named by ``optim.name`` for a model (docs/optimizers.md).
 
 * ``adamw``: ``torch.optim.AdamW``. Parameter groups: weight decay on matrices (``ndim >= 2``) and, with
-  ``decay_pc_gamma`` (default), on the PC layers' gains γ; norms, other gains and scalars get none. With
-  ``decay_all`` every parameter is decayed (norm gains and biases, γ, TSVD s, embedding, head), as the PC
-  reference does (its AdamW and its Muon's AdamW part take ``model.parameters()`` with weight decay 0.1); this
-  holds for every optimizer below (:func:`also_decayed`).
+  ``decay_pc_gamma`` (default), on the PC layers' gains γ, and with ``decay_tsvd_s`` (default) on the TSVD
+  layers' singular values s; norms, other gains and scalars get none. Why s: the TSVD layer retracts U and V
+  onto orthonormal factors after every step, and the Q of the QR of c·U is the Q of U, so the decay the matrix
+  groups apply to U and V is undone; ‖U diag(s) Vᵀ‖_F = ‖s‖ for orthonormal U, V, so decaying W in Frobenius
+  norm, as a dense layer is decayed, is decaying s. With ``decay_all`` every parameter is decayed (norm gains
+  and biases, γ, TSVD s, embedding, head), as the PC reference does (its AdamW and its Muon's AdamW part take
+  ``model.parameters()`` with weight decay 0.1); this holds for every optimizer below (:func:`also_decayed`).
 * ``muon``: ``torch.optim.Muon`` (Keller Jordan 2024: Nesterov momentum, then ``ns_steps`` Newton-Schulz
   iterations that map the update to about U Vᵀ of its SVD, then lr scaled by ``adjust_lr_fn``:
   ``original`` = sqrt(max(1, rows/cols)), ``match_rms_adamw`` = 0.2·sqrt(max(rows, cols)), which gives the
@@ -45,12 +48,21 @@ def pc_gain_names(model: nn.Module) -> frozenset[str]:
                      if isinstance(m, PCLinear) and isinstance(m.gamma, nn.Parameter))
 
 
+def tsvd_singular_value_names(model: nn.Module) -> frozenset[str]:
+    """Parameter names of the TSVD layers' singular values s."""
+    from pc_lightning.layers import iter_layers
+    from pc_lightning.layers.tsvd_linear import TSVDLinear
+
+    return frozenset(f"{name}.s" for name, _ in iter_layers(model, TSVDLinear))
+
+
 def also_decayed(model: nn.Module, cfg: OptimConfig) -> frozenset[str]:
     """Names of the parameters below 2-D that get weight decay too: all of them with ``decay_all``, else the PC
-    gains with ``decay_pc_gamma``."""
+    gains with ``decay_pc_gamma`` and the TSVD singular values with ``decay_tsvd_s``."""
     if cfg.decay_all:
         return frozenset(name for name, _ in model.named_parameters())
-    return pc_gain_names(model) if cfg.decay_pc_gamma else frozenset()
+    names = pc_gain_names(model) if cfg.decay_pc_gamma else frozenset()
+    return names | tsvd_singular_value_names(model) if cfg.decay_tsvd_s else names
 
 
 def weight_decay_at(cfg: OptimConfig, lr: float, weight_decay: float | None = None) -> float:

@@ -347,3 +347,28 @@ def tiny_cfg_data(data_cache: str):
     from pc_lightning.config import load_config
 
     return load_config(ROOT / "conf" / "baseline.yaml", tiny_overrides(data_cache, Path("unused"))).data
+
+
+def test_ablation_summary_has_a_table_per_eval_metric(data_cache, results_dir, tmp_path, offline):
+    """An ablation whose runs evaluate in the loop gets one metrics table per ``eval/<task>/<metric>`` in its
+    summary (no ``metrics:`` section needed), with the value over seeds; stderrs are not tables."""
+    import yaml
+
+    from conftest import tiny_overrides
+    from pc_lightning.sweep.ablation import run_ablation
+
+    tasks = toy_tasks(tmp_path / "tasks")
+    spec = {"name": "with-eval", "base": str(ROOT / "conf" / "baseline.yaml"),
+            "overrides": tiny_overrides(data_cache, results_dir, **{
+                "trainer.max_steps": 2, "trainer.val_every": 2, "monitor.eval_tasks": "[pcl_right]",
+                "monitor.eval_every": 2, "monitor.eval_include_path": str(tasks)}),
+            "variants": {"baseline": []}, "optimizers": {"adamw": []}, "seeds": [1, 2]}
+    path = tmp_path / "with-eval.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    assert run_ablation(str(path)) == 0
+    summary = (results_dir / "with-eval" / "summary.md").read_text()
+    for name in ("eval/pcl_right/acc", "eval/pcl_right/acc_norm"):
+        assert f"### `{name}`: `{name}`, last" in summary, name
+    assert "acc_stderr`" not in summary
+    row = next(line for line in summary.splitlines() if line.startswith("| baseline | adamw | 2 |"))
+    assert "±" in row

@@ -716,12 +716,24 @@ def metric_specs(parent) -> dict[str, MetricSpec]:
     return {name: build(MetricSpec, spec, f"metrics.{name}") for name, spec in stored.items()}
 
 
+def eval_specs(children, declared: dict[str, MetricSpec]) -> dict[str, MetricSpec]:
+    """A metric per downstream-evaluation score the runs logged in the loop (``eval/<task>/<metric>``,
+    ``monitor.eval_tasks``; not their stderrs or timings), read at the last evaluation: an ablation's summary shows
+    them without a ``metrics:`` section. One the file declares itself is left as declared."""
+    keys = sorted({k for r in children for k in r.data.metrics
+                   if k.startswith("eval/") and k.count("/") >= 2 and not k.endswith("_stderr")})
+    taken = {spec.key for spec in declared.values()} | set(declared)
+    return {k: MetricSpec(key=k, reduce="last", description="downstream evaluation in the loop, last value")
+            for k in keys if k not in taken}
+
+
 def ablation_report(mlflow_client, parent) -> AblationReport:
     """Rows, groups and statistics of an ablation parent run."""
     name = parent.data.tags["pcl.name"]
     specs = metric_specs(parent)
     # the grid's runs (a shared warm-start run, pcl.key warm_start, is not one of them)
     children = [r for r in runs.children(mlflow_client, parent) if r.data.tags.get("pcl.key") != "warm_start"]
+    specs.update(eval_specs(children, specs))
     rows = select_runs([run_row(mlflow_client, r, specs) for r in children])
     variants = json.loads(parent.data.tags.get("pcl.variants", "[]")) or sorted({r.variant for r in rows})
     optimizers = json.loads(parent.data.tags.get("pcl.optimizers", "[]")) or sorted({r.optimizer for r in rows})

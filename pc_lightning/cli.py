@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run each named claim's ablation (all claims by default; finished runs are kept, "
                                    "so the command resumes), render it to results/claims/NAME/ and write "
                                    "results/claims/summary.md: per claim the paper's claim, the measured paired "
-                                   "differences with 95%% intervals and a verdict computed by the claim file's rule.")
+                                   "differences with 95% intervals and a verdict computed by the claim file's rule.")
     p.add_argument("items", nargs="*", metavar="NAME | key.path=value",
                    help="claim names (file stems under conf/ablation/claims/; none = all), and overrides applied to "
                         "every run of them")

@@ -43,7 +43,7 @@ class RunStatus(enum.StrEnum):
     KILLED = "killed"
     DIVERGED = "diverged"
     PRUNED = "pruned"
-    CRASHED = "crashed"  # a sweep trial whose worker was killed; the trial is retried under a new run
+    CRASHED = "crashed"  # its worker process died before closing it (a sweep trial: retried under a new run)
 
     @property
     def mlflow_status(self) -> str:

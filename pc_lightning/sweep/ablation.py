@@ -292,9 +292,16 @@ def run_ablation(spec_path: str, overrides: list[str] | None = None, workers: in
 
                 if parallel:
                     job = functools.partial(_combination_job, spec, run_overrides, parent.run_id, list(extra_callbacks))
-                    lost = run_jobs(job, todo, workers,
-                                    on_step=lambda i, step, max_steps: progress.step(todo[i].key, step, max_steps),
-                                    on_done=lambda i, outcome: ended(todo[i], outcome))
+                    try:
+                        lost = run_jobs(job, todo, workers,
+                                        on_step=lambda i, step, max_steps: progress.step(todo[i].key, step, max_steps),
+                                        on_done=lambda i, outcome: ended(todo[i], outcome))
+                    except (KeyboardInterrupt, SystemExit):  # every worker has exited: none closes a run any more
+                        runs.close_orphaned_children(mlflow_client, parent.run_id, RunStatus.KILLED,
+                                                     "interrupted before its worker could close it")
+                        raise
+                    runs.close_orphaned_children(mlflow_client, parent.run_id, RunStatus.CRASHED,
+                                                 "its worker process exited without closing it")
                     for i in lost:  # its worker died (killed, out of memory): its run is redone next time
                         ended(todo[i], Outcome(RunStatus.FAILED, error="its worker process exited without a result"))
                 else:

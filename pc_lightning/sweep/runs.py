@@ -11,7 +11,7 @@ from __future__ import annotations
 from mlflow.entities import Run, ViewType
 from mlflow.tracking import MlflowClient
 
-from pc_lightning.tracked_run import TrackedRun
+from pc_lightning.tracked_run import RunStatus, TrackedRun
 
 
 def _all_experiments(mlflow_client: MlflowClient) -> list[str]:
@@ -54,3 +54,13 @@ def children(mlflow_client: MlflowClient, parent: Run) -> list[Run]:
         order_by=["attributes.start_time ASC"],
         max_results=50000,
     )
+
+
+def close_orphaned_children(mlflow_client: MlflowClient, parent_id: str, status: RunStatus, why: str) -> int:
+    """Close the parent's child runs that are still RUNNING once no process can close them any more (every worker
+    of a parallel ablation has exited): a worker stopped between opening its run and entering it, or died.
+    Returns how many were closed."""
+    orphans = [r for r in children(mlflow_client, mlflow_client.get_run(parent_id)) if r.info.status == "RUNNING"]
+    for run in orphans:
+        TrackedRun(mlflow_client, run.info.run_id).close(status, error=why)
+    return len(orphans)

@@ -8,7 +8,6 @@ The start-up checks at the top need no server: nothing listens on port 9.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys

@@ -53,7 +53,7 @@ class MetricSpec:
         if self.reduce == "first_step_at_or_below" and self.threshold is None:
             raise ConfigError(f"metrics.{name}.threshold", "first_step_at_or_below needs a threshold")
         if self.reduce != "first_step_at_or_below" and self.threshold is not None:
-            raise ConfigError(f"metrics.{name}.threshold", f"only used with reduce: first_step_at_or_below")
+            raise ConfigError(f"metrics.{name}.threshold", "only used with reduce: first_step_at_or_below")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"metrics.{name}.lr", "must be positive")
         if self.after_step < 0:

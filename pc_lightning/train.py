@@ -125,8 +125,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None, extra_callbacks: lis
     resume_checkpoint = open_checkpoint(ckpt_path, required=RESUMABLE) if ckpt_path is not None else None
     init_from = cfg.trainer.init_from if ckpt_path is None else None  # a resume continues from its own weights
     initial_state = check_initial_checkpoint(cfg, init_from) if init_from else None
-    if cfg.data.source != "bible":
-        check_data_files(cfg.data)  # local data files that do not exist: one line, no run recorded
+    check_data_files(cfg.data)  # local data files that do not exist: one line, no run recorded
     # Multi-process runs (torchrun, srun, Lightning's own launcher) start this function on every rank. Only
     # global rank 0 talks to MLflow; the others log nowhere (opening the SQLite store from every rank at once
     # races on its schema creation). The checkpoint directory named after rank 0's run id reaches the other

@@ -6,7 +6,7 @@
     pcl eval    CKPT --tasks t1,t2      lm-evaluation-harness tasks on a checkpoint -> table + JSON results
     pcl sweep   sweeps/NAME.yaml [--workers N] [--storage URL] [--worker-index I]
     pcl ablate  conf/ablation/NAME.yaml [--workers N]
-    pcl claims  [NAME ...]              positive controls: run conf/ablation/claims/NAME.yaml -> results/claims/
+    pcl claims  [NAME ...] [--workers N] positive controls: run conf/ablation/claims/NAME.yaml -> results/claims/
     pcl report  NAME                    re-render an ablation's or study's summary from MLflow/Optuna
 """
 
@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="claim names (file stems under conf/ablation/claims/; none = all), and overrides applied to "
                         "every run of them")
     p.add_argument("--seeds", help="comma-separated seeds replacing the files' seeds (e.g. a quick check)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="runs of each claim in parallel, each in a worker process with cores // N threads (default 1)")
     p.add_argument("--no-run", action="store_true", help="only re-render results/claims/ from MLflow")
 
     p = sub.add_parser("report", help="re-render an ablation's or study's summary and plots from MLflow/Optuna")
@@ -225,7 +227,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                 raise ConfigError("--seeds", f"expected comma-separated integers, got {args.seeds!r}") from None
         names = [x for x in args.items if "=" not in x]
         overrides = [x for x in args.items if "=" in x]
-        return run_claims(names, overrides=overrides, seeds=seeds, run=not args.no_run)
+        return run_claims(names, overrides=overrides, seeds=seeds, run=not args.no_run, workers=args.workers)
     if args.command == "report":
         from pc_lightning.sweep.report import report
 

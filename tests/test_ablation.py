@@ -191,3 +191,13 @@ def test_interrupted_parallel_ablation_resumes(tmp_path, data_cache, results_dir
     assert sorted(finished) == sorted(grid)  # each combination finished exactly once
     assert len(after) == len(interrupted) + len(grid - finished_before)  # only the unfinished ones ran again
     assert runs.find_parent(client, "ablation", "int").info.status == "FINISHED"
+
+
+def test_explicit_threads_that_oversubscribe_the_workers_are_warned_about():
+    from pc_lightning.sweep.ablation import oversubscription_warning
+
+    warning = oversubscription_warning({2, None}, workers=2, cores=2)
+    assert warning and "trainer.num_threads=2" in warning and "2 workers" in warning and "2 cores" in warning
+    assert oversubscription_warning({None}, workers=2, cores=2) is None  # unset: cores // workers each
+    assert oversubscription_warning({1}, workers=2, cores=2) is None
+    assert oversubscription_warning({2}, workers=1, cores=2) is None

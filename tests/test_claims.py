@@ -218,6 +218,18 @@ def test_dry_run_of_one_claim_through_pcl_claims(data_cache, results_dir, capsys
     assert (results_dir / "claims" / "summary.md").read_text() == summary
 
 
+def test_pcl_claims_passes_workers_and_seeds_to_each_ablation(monkeypatch, results_dir):
+    """``pcl claims NAME --workers N --seeds ...`` runs each claim's ablation N runs at a time with those seeds."""
+    import pc_lightning.sweep.ablation as ablation
+    from pc_lightning.cli import main
+
+    calls = []
+    monkeypatch.setattr(ablation, "run_ablation",
+                        lambda path, overrides, workers=1, seeds=None: calls.append((Path(path).stem, workers, seeds)) or 0)
+    assert main(["claims", "tsvd", "pc", "--workers", "2", "--seeds", "0,1"]) == 0
+    assert calls == [("tsvd", 2, [0, 1]), ("pc", 2, [0, 1])]
+
+
 # ------------------------------------------------------------------ pieces the claims read
 
 

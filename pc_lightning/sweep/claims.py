@@ -298,8 +298,9 @@ def write_summary(mlflow_client, files: list[Path]) -> Path:
 
 
 def run_claims(names: list[str] | None = None, overrides: list[str] | None = None, seeds: list[int] | None = None,
-               run: bool = True, directory: Path = CLAIMS_DIR) -> int:
-    """Run the named claims (all by default), then write results/claims/summary.md over every claim file."""
+               run: bool = True, directory: Path = CLAIMS_DIR, workers: int = 1) -> int:
+    """Run the named claims (all by default), ``workers`` runs at a time, then write results/claims/summary.md over
+    every claim file."""
     from pc_lightning.sweep.ablation import run_ablation
 
     files = claim_files(names, directory)
@@ -307,7 +308,7 @@ def run_claims(names: list[str] | None = None, overrides: list[str] | None = Non
     if run:
         for path in files:
             print(f"claim '{path.stem}': {path}")
-            code = max(code, run_ablation(str(path), overrides, seeds=seeds))
+            code = max(code, run_ablation(str(path), overrides, workers=workers, seeds=seeds))
             if code == 130:
                 return code
     mlflow_client = tracking.client(tracking.tracking_uri(TrackingConfig()))

@@ -106,6 +106,28 @@ CASES = {
 }
 
 
+_SINGLE: dict[tuple, dict] = {}
+
+
+def single_process_reference(both: dict, data_cache: str, tmp_path: Path) -> dict:
+    """The 1-process × batch 8 run for the overrides ``both``: the worker's ``fit`` run in this process (one thread,
+    as each rank has), once per distinct ``both`` per pytest process (the DDP and FSDP cases of a layer kind
+    compare with the same run)."""
+    from distributed_worker import fit_run
+
+    key = tuple(sorted((k, str(v)) for k, v in both.items()))
+    if key not in _SINGLE:
+        out = tmp_path / "single"
+        out.mkdir()
+        threads = torch.get_num_threads()  # fit_run() sets one thread, as each rank does
+        try:
+            fit_run(str(out), tiny(data_cache, **both, **{"data.batch_size": 8, "trainer.devices": 1}))
+        finally:
+            torch.set_num_threads(threads)
+        _SINGLE[key] = torch.load(out / "rank0.pt")
+    return _SINGLE[key]
+
+
 @pytest.mark.parametrize("case", [pytest.param("pc-ddp")] + [
     pytest.param(name, marks=pytest.mark.slow) for name in CASES if name != "pc-ddp"])
 def test_two_ranks_match_one_process(case, prepared_cache, tmp_path):
@@ -116,7 +138,7 @@ def test_two_ranks_match_one_process(case, prepared_cache, tmp_path):
     with the single-process PCStep run. The TSVD case shrinks every layer's rank at step 2 and 4.
     """
     both, multi = CASES[case]
-    single = launch(tmp_path / "single", 1, tiny(prepared_cache, **both, **{"data.batch_size": 8}))[0]
+    single = single_process_reference(both, prepared_cache, tmp_path)
     ranks = launch(tmp_path / "multi", 2, tiny(prepared_cache, **both, **{"data.batch_size": 4, **multi}))
     assert ranks[0]["strategy"] == ("DDPStrategy" if multi["trainer.strategy"] == "ddp" else "CPUFSDPStrategy")
     assert_same_on_every_rank(ranks)

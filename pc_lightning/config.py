@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -393,7 +394,9 @@ class TrainerConfig(Section):
     val_every: int = 50  # optimizer steps between validations
     log_every: int = 10
     checkpoint_every: int = 100  # optimizer steps between checkpoints (last.ckpt)
-    checkpoint_dir: str = "results/checkpoints"
+    # default: <results directory>/checkpoints, the results directory being $PCL_RESULTS_DIR or results/
+    checkpoint_dir: str = field(
+        default_factory=lambda: str(Path(os.environ.get("PCL_RESULTS_DIR", "results")) / "checkpoints"))
     # start from this checkpoint's weights with a fresh optimizer, schedule, step 0 and a new MLflow run
     # (pc_lightning/init_from.py); the checkpoint's model config must match the run's. --resume wins over it.
     init_from: Optional[str] = None

@@ -6,7 +6,9 @@ Before, every training run of an ablation printed them again (lightning 2.6, tor
   tips ("💡 Tip: ... litlogger" / "litmodels"). Lightning has no switch for either (``_log_device_info`` in
   ``trainer/setup.py`` and the logger connector call ``rank_zero_info`` unconditionally), so a filter on its
   rank-zero loggers drops exactly these messages, and "`Trainer.fit` stopped: `max_steps=N` reached" (the suite
-  reports how every run ended itself). Lightning's other notices (a checkpoint restored, a run stopped early
+  reports how every run ended itself), and "`Trainer(val_check_interval=1)` was configured so validation will
+  run after every batch" (and its twins for ``limit_*_batches=1``), which restate in Lightning's argument names
+  what the run's own keys (``trainer.val_every``, ``data.val_batches``) say. Lightning's other notices (a checkpoint restored, a run stopped early
   for another reason) are kept.
 * torch's FutureWarning that ``LeafSpec`` is deprecated, raised by Lightning's own use of torch's pytree.
 * MLflow's INFO lines "Creating initial MLflow database tables..." / "Updating database tables" when it
@@ -30,8 +32,14 @@ MLFLOW_SCHEMA_LOGGER = "mlflow.store.db.utils"
 _silenced = False
 
 
+# "`Trainer(<argument>=1)` was configured so ...": Lightning restating an argument the suite set
+LIGHTNING_ARGUMENT_ECHO = " was configured so "
+
+
 def _not_noise(record: logging.LogRecord) -> bool:
-    return not str(record.msg).lstrip().startswith(LIGHTNING_NOISE)
+    message = str(record.msg).lstrip()
+    return not (message.startswith(LIGHTNING_NOISE)
+                or (message.startswith("`Trainer(") and LIGHTNING_ARGUMENT_ECHO in message))
 
 
 def silence_library_noise() -> None:

@@ -201,3 +201,18 @@ def test_explicit_threads_that_oversubscribe_the_workers_are_warned_about():
     assert oversubscription_warning({None}, workers=2, cores=2) is None  # unset: cores // workers each
     assert oversubscription_warning({1}, workers=2, cores=2) is None
     assert oversubscription_warning({2}, workers=1, cores=2) is None
+
+
+def test_lightning_restating_an_argument_the_suite_set_is_dropped_and_other_notices_kept():
+    import logging
+
+    from pc_lightning.library_noise import _not_noise
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("lightning.pytorch.utilities.rank_zero", logging.INFO, "", 0, msg, None, None)
+
+    assert not _not_noise(record("`Trainer(val_check_interval=1)` was configured so validation will run after every "
+                                 "batch."))
+    assert not _not_noise(record("`Trainer(limit_val_batches=1)` was configured so 1 batch will be used."))
+    assert not _not_noise(record("GPU available: False, used: False"))
+    assert _not_noise(record("Restoring states from the checkpoint path at last.ckpt"))

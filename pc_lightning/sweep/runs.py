@@ -56,13 +56,11 @@ def children(mlflow_client: MlflowClient, parent: Run) -> list[Run]:
     )
 
 
-def close_orphaned_children(mlflow_client: MlflowClient, parent_id: str, status: RunStatus, why: str,
-                            tags: dict[str, str] | None = None) -> int:
-    """Close the parent's child runs that are still RUNNING (and carry ``tags``, if given) once no process can close
-    them any more: every worker of a parallel ablation has exited, or a sweep worker stopped without closing its
-    trial's run (its Optuna heartbeat went stale). Returns how many were closed."""
-    orphans = [r for r in children(mlflow_client, mlflow_client.get_run(parent_id)) if r.info.status == "RUNNING"
-               and all(r.data.tags.get(k) == v for k, v in (tags or {}).items())]
+def close_orphaned_children(mlflow_client: MlflowClient, parent_id: str, status: RunStatus, why: str) -> int:
+    """Close the parent's child runs that are still RUNNING once no process can close them any more (every worker
+    of a parallel ablation has exited): a worker stopped between opening its run and entering it, or died.
+    Returns how many were closed."""
+    orphans = [r for r in children(mlflow_client, mlflow_client.get_run(parent_id)) if r.info.status == "RUNNING"]
     for run in orphans:
         TrackedRun(mlflow_client, run.info.run_id).close(status, error=why)
     return len(orphans)

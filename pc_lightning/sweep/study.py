@@ -87,7 +87,7 @@ from pc_lightning.secrets import redact
 from pc_lightning.train import train, world_size
 from pc_lightning.sweep.space import (SweepSpec, build_pruner, build_sampler, compose_config, is_journal, load_spec,
                                       storage_url, suggest)
-from pc_lightning.tracked_run import RunStatus
+from pc_lightning.tracked_run import RUNNING, RunStatus, TrackedRun
 
 # Heartbeats, fail_stale_trials and the retry callback are still marked experimental in Optuna 5.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -201,10 +201,13 @@ def trial_config(spec: SweepSpec, overrides: list[str], trial: optuna.trial.Base
 
 def close_crashed_runs(mlflow_client, parent_id: str, trial_number: int, retry_number: int | None = None) -> None:
     """A retried trial's first MLflow run was left RUNNING by its killed worker: close it as crashed."""
-    runs.close_orphaned_children(
-        mlflow_client, parent_id, RunStatus.CRASHED, tags={"pcl.trial": str(trial_number)},
-        why=f"its worker stopped without closing this run (its Optuna heartbeat went stale); trial {retry_number} "
-            f"re-runs the same parameters")
+    parent = mlflow_client.get_run(parent_id)
+    for run in runs.children(mlflow_client, parent):
+        if run.data.tags.get("pcl.trial") == str(trial_number) and run.info.status == RUNNING:
+            worker = run.data.tags.get("pcl.worker", "?")
+            TrackedRun(mlflow_client, run.info.run_id).close(
+                RunStatus.CRASHED, error=f"worker {worker} stopped without closing this run (its Optuna heartbeat "
+                                         f"went stale); trial {retry_number} re-runs the same parameters")
 
 
 def make_objective(spec: SweepSpec, overrides: list[str], parent_id: str, mlflow_client, held: HeldInterrupt,

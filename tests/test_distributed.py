@@ -50,15 +50,29 @@ def prepared_cache(data_cache) -> str:
 
 
 def launch(out: Path, nproc: int, overrides: list[str]) -> list[dict]:
-    """Run the worker on ``nproc`` processes; returns each rank's record (parameters, losses, TSVD ranks)."""
+    """Run the worker on ``nproc`` processes under torchrun; returns each rank's record (parameters, losses, TSVD
+    ranks). A single-process run goes through :func:`fit_in_process`."""
     out.mkdir(parents=True)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
-        if nproc > 1 else [sys.executable]
-    cmd = [*launcher, str(WORKER), "fit", "--out", str(out), *overrides, f"trainer.devices={nproc}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(WORKER),
+           "fit", "--out", str(out), *overrides, f"trainer.devices={nproc}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return [torch.load(out / f"rank{r}.pt") for r in range(nproc)]
+
+
+def fit_in_process(out: Path, overrides: list[str]) -> dict:
+    """The worker's ``fit`` on 1 process, in this one (with one thread, as each rank has; the test's thread count is
+    restored after); returns its record."""
+    from distributed_worker import fit_run
+
+    out.mkdir(parents=True)
+    threads = torch.get_num_threads()
+    try:
+        fit_run(str(out), [*overrides, "trainer.devices=1"])
+    finally:
+        torch.set_num_threads(threads)
+    return torch.load(out / "rank0.pt")
 
 
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -110,21 +124,11 @@ _SINGLE: dict[tuple, dict] = {}
 
 
 def single_process_reference(both: dict, data_cache: str, tmp_path: Path) -> dict:
-    """The 1-process × batch 8 run for the overrides ``both``: the worker's ``fit`` run in this process (one thread,
-    as each rank has), once per distinct ``both`` per pytest process (the DDP and FSDP cases of a layer kind
-    compare with the same run)."""
-    from distributed_worker import fit_run
-
+    """The 1-process × batch 8 run for the overrides ``both`` (:func:`fit_in_process`), once per distinct ``both``
+    per pytest process (the DDP and FSDP cases of a layer kind compare with the same run)."""
     key = tuple(sorted((k, str(v)) for k, v in both.items()))
     if key not in _SINGLE:
-        out = tmp_path / "single"
-        out.mkdir()
-        threads = torch.get_num_threads()  # fit_run() sets one thread, as each rank does
-        try:
-            fit_run(str(out), tiny(data_cache, **both, **{"data.batch_size": 8, "trainer.devices": 1}))
-        finally:
-            torch.set_num_threads(threads)
-        _SINGLE[key] = torch.load(out / "rank0.pt")
+        _SINGLE[key] = fit_in_process(tmp_path / "single", tiny(data_cache, **both, **{"data.batch_size": 8}))
     return _SINGLE[key]
 
 
@@ -171,17 +175,8 @@ def test_tsvd_rank_growth_under_ddp_keeps_ranks_identical(prepared_cache, tmp_pa
 
 def test_pc_forward_mode_equals_step_mode(prepared_cache, tmp_path):
     """The FSDP path (W_eff and power iteration in each forward, no PCStep) trains exactly like PCStep, 1 process."""
-    from distributed_worker import fit_run
-
-    runs = {}
-    threads = torch.get_num_threads()  # fit_run() sets one thread, as each rank does
-    for mode in ("step", "forward"):
-        out = tmp_path / mode
-        out.mkdir()
-        fit_run(str(out), tiny(prepared_cache, **{"model.linear": "pc", "model.pc.evaluate": mode,
-                                                  "data.batch_size": 4, "trainer.devices": 1}))
-        runs[mode] = torch.load(out / "rank0.pt")
-    torch.set_num_threads(threads)
+    runs = {mode: fit_in_process(tmp_path / mode, tiny(prepared_cache, **{
+        "model.linear": "pc", "model.pc.evaluate": mode, "data.batch_size": 4})) for mode in ("step", "forward")}
     assert max_difference(runs["step"]["params"], runs["forward"]["params"]) <= 1e-6
     assert runs["step"]["losses"] == pytest.approx(runs["forward"]["losses"], abs=1e-6)
 

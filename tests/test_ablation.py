@@ -194,7 +194,7 @@ def test_interrupted_parallel_ablation_resumes(tmp_path, data_cache, results_dir
 
 
 def test_explicit_threads_that_oversubscribe_the_workers_are_warned_about():
-    from pc_lightning.sweep.ablation import oversubscription_warning
+    from pc_lightning.sweep.workers import oversubscription_warning
 
     warning = oversubscription_warning({2, None}, workers=2, cores=2)
     assert warning and "trainer.num_threads=2" in warning and "2 workers" in warning and "2 cores" in warning

@@ -56,7 +56,7 @@ from pc_lightning.secrets import redact
 from pc_lightning.sweep import runs
 from pc_lightning.sweep.claims import ClaimSpec, check_claim
 from pc_lightning.sweep.run_metrics import MetricSpec
-from pc_lightning.sweep.workers import available_cores, run_jobs
+from pc_lightning.sweep.workers import available_cores, oversubscription_warning, run_jobs
 from pc_lightning.sweep.space import compose_config, resolve_relative
 from pc_lightning.tracked_run import RunStatus
 
@@ -238,16 +238,6 @@ def _combination_job(spec: AblationSpec, overrides: list[str], parent_id: str, c
                      combo: Combination, report_step) -> Outcome:
     """A worker process's job (:func:`pc_lightning.sweep.workers.run_jobs`): one combination."""
     return run_combination(spec, combo, overrides, parent_id, [StepProgress(report_step), *callbacks])
-
-
-def oversubscription_warning(threads: set[int | None], workers: int, cores: int) -> str | None:
-    """A line when runs' explicit ``trainer.num_threads`` times ``workers`` exceeds the cores (two 2-thread workers
-    on 2 cores made ~40% fewer tokens/s than two 1-thread ones: :mod:`pc_lightning.sweep.workers`)."""
-    explicit = [t for t in threads if t]
-    if workers > 1 and explicit and max(explicit) * workers > cores:
-        return (f"pcl: warning: trainer.num_threads={max(explicit)} in each of {workers} workers oversubscribes "
-                f"this machine's {cores} cores (leave it unset: each worker then gets cores // workers threads)")
-    return None
 
 
 def run_ablation(spec_path: str, overrides: list[str] | None = None, workers: int = 1,

@@ -43,6 +43,16 @@ def threads_per_worker(workers: int, cores: int | None = None) -> int:
     return max(1, (cores or available_cores()) // max(1, workers))
 
 
+def oversubscription_warning(threads: set[int | None], workers: int, cores: int) -> str | None:
+    """A warning line when the runs' explicit ``trainer.num_threads`` times ``workers`` exceeds the cores: the pin
+    wins over :func:`threads_per_worker`, and oversubscribed workers lose throughput (the module docstring)."""
+    explicit = [t for t in threads if t]
+    if workers > 1 and explicit and max(explicit) * workers > cores:
+        return (f"pcl: warning: trainer.num_threads={max(explicit)} in each of {workers} workers oversubscribes "
+                f"this machine's {cores} cores (leave it unset: each worker then gets cores // workers threads)")
+    return None
+
+
 def thread_environment(workers: int) -> dict[str, str]:
     """Environment of a worker started as a command (``pcl sweep --workers``): torch and the BLAS libraries read
     their default thread count from it."""

@@ -77,6 +77,11 @@ def _positive(section: Section, *names: str) -> None:
 LAYER_GROUPS = ("ffn", "attn_out", "qk", "v")  # what model.pc.targets / model.tsvd.targets name (the groups of pc_lightning.layers.ROLES)
 
 
+def results_root() -> Path:
+    """Where MLflow, Optuna and checkpoints go by default: ``$PCL_RESULTS_DIR``, else ``results/``."""
+    return Path(os.environ.get("PCL_RESULTS_DIR", "results"))
+
+
 @dataclass
 class PCConfig(Section):
     """Polynomial preconditioning of block weights (docs/pc.md)."""
@@ -394,9 +399,7 @@ class TrainerConfig(Section):
     val_every: int = 50  # optimizer steps between validations
     log_every: int = 10
     checkpoint_every: int = 100  # optimizer steps between checkpoints (last.ckpt)
-    # default: <results directory>/checkpoints, the results directory being $PCL_RESULTS_DIR or results/
-    checkpoint_dir: str = field(
-        default_factory=lambda: str(Path(os.environ.get("PCL_RESULTS_DIR", "results")) / "checkpoints"))
+    checkpoint_dir: str = field(default_factory=lambda: str(results_root() / "checkpoints"))
     # start from this checkpoint's weights with a fresh optimizer, schedule, step 0 and a new MLflow run
     # (pc_lightning/init_from.py); the checkpoint's model config must match the run's. --resume wins over it.
     init_from: Optional[str] = None

@@ -8,8 +8,8 @@ Before, every training run of an ablation printed them again (lightning 2.6, tor
   rank-zero loggers drops exactly these messages, and "`Trainer.fit` stopped: `max_steps=N` reached" (the suite
   reports how every run ended itself), and "`Trainer(val_check_interval=1)` was configured so validation will
   run after every batch" (and its twins for ``limit_*_batches=1``), which restate in Lightning's argument names
-  what the run's own keys (``trainer.val_every``, ``data.val_batches``) say. Lightning's other notices (a checkpoint restored, a run stopped early
-  for another reason) are kept.
+  what the run's own keys (``trainer.val_every``, ``data.val_batches``) say. Lightning's other notices (a
+  checkpoint restored, a run stopped early for another reason) are kept.
 * torch's FutureWarning that ``LeafSpec`` is deprecated, raised by Lightning's own use of torch's pytree.
 * MLflow's INFO lines "Creating initial MLflow database tables..." / "Updating database tables" when it
   creates or migrates a SQLite store.
@@ -28,12 +28,10 @@ LIGHTNING_NOISE = ("GPU available:", "TPU available:", "HPU available:", "💡 T
 # lightning_utilities' rank_zero_info writes to whichever of these was imported last
 LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
 MLFLOW_SCHEMA_LOGGER = "mlflow.store.db.utils"
-
-_silenced = False
-
-
 # "`Trainer(<argument>=1)` was configured so ...": Lightning restating an argument the suite set
 LIGHTNING_ARGUMENT_ECHO = " was configured so "
+
+_silenced = False
 
 
 def _not_noise(record: logging.LogRecord) -> bool:

@@ -25,12 +25,12 @@ import os
 import re
 from pathlib import Path
 
-from pc_lightning.config import ConfigError, TrackingConfig
+from pc_lightning.config import ConfigError, TrackingConfig, results_root
 from pc_lightning.held_interrupt import HeldInterrupt
 from pc_lightning.library_noise import silence_library_noise
 from pc_lightning.secrets import redact, split_credentials
 
-RESULTS_DIR = Path(os.environ.get("PCL_RESULTS_DIR", "results"))
+RESULTS_DIR = results_root()
 
 
 # the start-up check's one request: a host that does not accept the connection within CONNECT_TIMEOUT_S is

@@ -36,12 +36,20 @@ setup-postgres:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
 
 # Fast suite first, then the tests marked slow (CI runs both; pytest's exit code 5 = nothing collected is ok).
+# Each pass runs on every core (pytest-xdist: one worker per core, each with cores // workers torch threads; the
+# server tests on one worker, so their servers start once). PYTEST_ARGS adds pytest options (e.g. -n 0: serial).
+PYTEST := $(BIN)/python -m pytest -q --durations=15 -n auto --dist loadgroup $(PYTEST_ARGS)
+OK5 := rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
+
 test: setup-dev setup-postgres
-	$(BIN)/python -m pytest -m "not slow" -q --durations=15; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
-	$(BIN)/python -m pytest -m slow -q --durations=15; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
+	$(PYTEST) -m "not slow"; $(OK5)
+	$(PYTEST) -m slow; $(OK5)
 
 test-fast: setup-dev
-	$(BIN)/python -m pytest -m "not slow" -q --durations=15; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
+	$(PYTEST) -m "not slow"; $(OK5)
+
+test-slow: setup-dev setup-postgres
+	$(PYTEST) -m slow; $(OK5)
 
 bench: setup
 	$(BIN)/pip install --quiet -e ".[bench]"

@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One pytest process takes up to 2 cores; under pytest-xdist (`-n N`) the N workers share the cores instead of each
+# taking them all (oversubscribed torch threads slow every worker down several-fold).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
 @pytest.fixture(scope="session")
@@ -105,3 +108,11 @@ def mlflow_server(tmp_path_factory):
     server.create_user("alice", MLFLOW_PASSWORD)
     yield server
     server.stop()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``--dist loadgroup``) the tests marked ``servers`` run on one worker, so the session's
+    PostgreSQL and MLflow servers start once, as in a serial run."""
+    for item in items:
+        if item.get_closest_marker("servers"):
+            item.add_marker(pytest.mark.xdist_group("servers"))

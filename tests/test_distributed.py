@@ -30,6 +30,7 @@ from pc_lightning.modules.pretrain import PretrainModule
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("distributed_worker.py")
 TIMEOUT_S = 240  # a hung collective fails the test instead of the suite
+DROPPED_RTOL = 1e-3  # the lookahead's line-search step is good to a few 1e-4 relative (split_dropped)
 
 
 def tiny(data_cache: str, **extra) -> list[str]:
@@ -89,7 +90,12 @@ def assert_same_on_every_rank(ranks: list[dict]) -> None:
 
 def split_dropped(params: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(everything else, the TSVD layers' ``dropped`` buffers): the rank rule's record of the singular values it
-    left out, which carry the line-search step of its lookahead and are compared with a relative tolerance."""
+    left out, which carry the line-search step of its lookahead and are compared with a relative tolerance.
+
+    That step is the vertex of a parabola through three fp32 losses (``lookahead_probe.line_search``): losses of
+    ~6 nats carry round-off of ~1e-6, which differs between one process and the mean of two ranks, while the loss
+    differences the vertex is taken from are ~1e-3, so the step, and every lookahead value it scales, is only good
+    to a few 1e-4 relative (measured: up to 2.3e-4 between the two runs on one machine, < 1e-4 on another)."""
     dropped = {k: v for k, v in params.items() if k.endswith(".dropped")}
     return {k: v for k, v in params.items() if k not in dropped}, dropped
 
@@ -99,7 +105,7 @@ def assert_matches_one_process(ranks: list[dict], single: dict, atol: float = 1e
     assert max_difference(mine, theirs) <= atol
     assert mine_dropped.keys() == theirs_dropped.keys()
     for key, value in mine_dropped.items():
-        torch.testing.assert_close(value, theirs_dropped[key], rtol=1e-4, atol=atol, msg=key)
+        torch.testing.assert_close(value, theirs_dropped[key], rtol=DROPPED_RTOL, atol=atol, msg=key)
     # the global batch's loss is the mean of the ranks' losses over equal-sized shards
     mean_losses = [sum(r["losses"][i] for r in ranks) / len(ranks) for i in range(len(single["losses"]))]
     assert all(math.isfinite(x) for x in mean_losses)

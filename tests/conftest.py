@@ -37,9 +37,10 @@ def mlflow_template(tmp_path_factory) -> Path:
 
 @pytest.fixture()
 def results_dir(tmp_path, monkeypatch, mlflow_template):
-    """Send MLflow/Optuna files and checkpoints of a test to its own temp dir. The test's MLflow store starts as a
-    copy of the session's migrated empty store, made when the suite first opens it (the same moment MLflow would
-    create it), so a test that checks no store was created still sees none."""
+    """Send MLflow/Optuna files and checkpoints of a test to its own temp dir (``tracking.RESULTS_DIR`` and
+    ``$PCL_RESULTS_DIR``, which the ``trainer.checkpoint_dir`` default and child processes read). The test's MLflow
+    store starts as a copy of the session's migrated empty store, made when the suite first opens it (the same moment
+    MLflow would create it), so a test that checks no store was created still sees none."""
     import pc_lightning.tracking as tracking
 
     ensure = tracking.ensure_results_dir
@@ -51,6 +52,7 @@ def results_dir(tmp_path, monkeypatch, mlflow_template):
             shutil.copyfile(mlflow_template, db)
 
     monkeypatch.setattr(tracking, "RESULTS_DIR", tmp_path / "results")
+    monkeypatch.setenv("PCL_RESULTS_DIR", str(tmp_path / "results"))  # trainer.checkpoint_dir's default, subprocesses
     monkeypatch.setattr(tracking, "ensure_results_dir", ensure_from_template)
     return tmp_path / "results"
 

@@ -95,3 +95,9 @@ def test_cli_takes_options_after_overrides():
         parse_args(["train", "--config", BASELINE, "--no-such-option"])
     with pytest.raises(SystemExit):
         parse_args(["merge", "ckpt", "stray=1"])
+
+
+def test_checkpoint_dir_defaults_to_the_results_dir(results_dir):
+    """``trainer.checkpoint_dir`` defaults to ``$PCL_RESULTS_DIR/checkpoints``, the folder MLflow and Optuna use."""
+    cfg = load_config(os.path.join(ROOT, "conf", "baseline.yaml"))
+    assert cfg.trainer.checkpoint_dir == str(results_dir / "checkpoints")

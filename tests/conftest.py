@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-# One pytest process takes up to 2 cores; under pytest-xdist (`-n N`) the N workers share the cores instead of each
-# taking them all (oversubscribed torch threads slow every worker down several-fold).
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
+from pc_lightning.sweep.workers import threads_per_worker
+
+# One pytest process takes up to 2 cores; under pytest-xdist (`-n N`) the N workers share the cores as `pcl`'s own
+# workers do (oversubscribed torch threads slow every worker down several-fold).
+torch.set_num_threads(min(2, threads_per_worker(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
 
 
 @pytest.fixture(scope="session")
